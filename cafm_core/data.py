@@ -1,0 +1,470 @@
+"""Datasets: the built-in sets (digits and synthetic low-dim toys) and an image-folder reader.
+
+Conventions: images are float32 ``[N, C, H, W]`` in ``[-1, 1]``; low-dim points are float32
+``[N, D]``; labels are int64 ``[N]`` in ``[0, num_classes)``.
+
+The synthetic sets come with exact support tests (``on_manifold``) and mode assignment
+(``nearest_mode``) so generated samples can be scored without a learned feature network.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cafm_core.checks import CAFMInputError, check_choice, check_positive, check_tensor
+
+DATASET_KINDS = ("image", "points")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled or unlabelled set of images or low-dim points, validated on creation."""
+
+    data: torch.Tensor
+    labels: torch.Tensor | None
+    num_classes: int
+    kind: str
+    class_names: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("dataset kind", self.kind, DATASET_KINDS)
+        want_ndim = 4 if self.kind == "image" else 2
+        check_tensor(f"{self.kind} dataset data", self.data, ndim=want_ndim, floating=True)
+        if self.data.dtype != torch.float32:
+            raise CAFMInputError(f"dataset data must be float32, got {self.data.dtype}")
+        if self.data.shape[0] == 0:
+            raise CAFMInputError("dataset data is empty (0 samples)")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise CAFMInputError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.labels is None:
+            if self.num_classes != 0:
+                raise CAFMInputError(
+                    f"an unlabelled dataset must have num_classes 0, got {self.num_classes}"
+                )
+        else:
+            check_tensor("dataset labels", self.labels, shape=(self.data.shape[0],), floating=False)
+            if self.labels.dtype != torch.int64:
+                raise CAFMInputError(f"dataset labels must be int64, got {self.labels.dtype}")
+            if self.num_classes < 1:
+                raise CAFMInputError("a labelled dataset needs num_classes >= 1, got 0")
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise CAFMInputError(
+                    f"dataset labels must lie in [0, {self.num_classes}), got range [{low}, {high}]"
+                )
+        if len(self.class_names) != self.num_classes:
+            raise CAFMInputError(
+                f"class_names has {len(self.class_names)} entries, expected num_classes={self.num_classes}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: ``(C, H, W)`` for images, ``(D,)`` for points."""
+        return tuple(self.data.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic sets: constants that define them (and their support tests).
+
+FOUR_MODES_1D_CENTRES = (-3.0, -1.0, 1.0, 3.0)
+"""Centres of the 1-D 4-mode mixture (equal weights)."""
+FOUR_MODES_1D_STD = 0.1
+"""Standard deviation of each 1-D mode."""
+
+EIGHT_GAUSSIANS_RADIUS = 2.0
+"""Radius of the circle on which the 8 mode centres sit (angles k * 45 degrees)."""
+EIGHT_GAUSSIANS_STD = 0.1
+"""Isotropic standard deviation of each 2-D mode."""
+
+CHECKERBOARD_EXTENT = 2.0
+"""The checkerboard covers [-2, 2]^2 with 4 x 4 unit cells; black cells have (col + row) even."""
+CHECKERBOARD_CELLS = 4
+CHECKERBOARD_MARGIN = 0.05
+"""Distance outside a black cell still counted as on the support."""
+
+TWO_MOONS_NOISE_STD = 0.1
+"""Isotropic Gaussian noise added to the two moons, in the final (scaled) coordinates."""
+TWO_MOONS_SCALE = 2.0
+TWO_MOONS_SHIFT = (-0.5, -0.25)
+"""Moons are make_moons curves shifted by TWO_MOONS_SHIFT then scaled by TWO_MOONS_SCALE."""
+
+ON_MANIFOLD_NUM_STD = 4.0
+"""A point is on a Gaussian mode / a moon if within this many noise stds of it.
+
+Four (not three) stds so that in 2-D at least 99.9% of true samples pass: the radius of an
+isotropic 2-D Gaussian exceeds k std with probability exp(-k^2 / 2), 1.1% for k=3 but
+0.03% for k=4. Modes are far enough apart (>= 1.5 units, tolerance 0.4) not to overlap.
+"""
+
+BUILTIN_DATASETS = ("digits", "four_modes_1d", "eight_gaussians", "checkerboard", "two_moons")
+MIXTURE_DATASETS = ("four_modes_1d", "eight_gaussians")
+SYNTHETIC_DATASETS = ("four_modes_1d", "eight_gaussians", "checkerboard", "two_moons")
+
+
+def mode_centres(name: str) -> torch.Tensor:
+    """Mode centres ``[M, D]`` of a Gaussian-mixture built-in set."""
+    check_choice("mixture dataset", name, MIXTURE_DATASETS)
+    if name == "four_modes_1d":
+        return torch.tensor(FOUR_MODES_1D_CENTRES, dtype=torch.float32).unsqueeze(1)
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    centres = EIGHT_GAUSSIANS_RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    return centres.float()
+
+
+def _mode_std(name: str) -> float:
+    return FOUR_MODES_1D_STD if name == "four_modes_1d" else EIGHT_GAUSSIANS_STD
+
+
+def _sample_mixture(name: str, num_samples: int, generator: torch.Generator) -> Dataset:
+    centres = mode_centres(name)
+    num_modes, dim = centres.shape
+    labels = torch.randint(0, num_modes, (num_samples,), generator=generator)
+    noise = torch.randn(num_samples, dim, generator=generator) * _mode_std(name)
+    return Dataset(
+        data=(centres[labels] + noise).float(),
+        labels=labels,
+        num_classes=num_modes,
+        kind="points",
+        class_names=[f"mode_{index}" for index in range(num_modes)],
+        name=name,
+    )
+
+
+def _sample_checkerboard(num_samples: int, generator: torch.Generator) -> Dataset:
+    cell_size = 2 * CHECKERBOARD_EXTENT / CHECKERBOARD_CELLS
+    black = [
+        (col, row)
+        for row in range(CHECKERBOARD_CELLS)
+        for col in range(CHECKERBOARD_CELLS)
+        if (col + row) % 2 == 0
+    ]
+    black_cells = torch.tensor(black, dtype=torch.float32)
+    which = torch.randint(0, len(black), (num_samples,), generator=generator)
+    offsets = torch.rand(num_samples, 2, generator=generator)
+    points = -CHECKERBOARD_EXTENT + (black_cells[which] + offsets) * cell_size
+    return Dataset(data=points.float(), labels=None, num_classes=0, kind="points", name="checkerboard")
+
+
+def _moon_curves(num_points_per_moon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise-free upper and lower moon curves, in final coordinates, each ``[P, 2]``."""
+    theta = torch.linspace(0.0, math.pi, num_points_per_moon, dtype=torch.float64)
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+    lower = torch.stack([1.0 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+    shift = torch.tensor(TWO_MOONS_SHIFT, dtype=torch.float64)
+    return ((upper + shift) * TWO_MOONS_SCALE).float(), ((lower + shift) * TWO_MOONS_SCALE).float()
+
+
+def _sample_two_moons(num_samples: int, generator: torch.Generator) -> Dataset:
+    labels = torch.randint(0, 2, (num_samples,), generator=generator)
+    theta = torch.rand(num_samples, generator=generator, dtype=torch.float64) * math.pi
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
+    lower = torch.stack([1.0 - torch.cos(theta), 0.5 - torch.sin(theta)], dim=1)
+    curve = torch.where(labels.unsqueeze(1) == 0, upper, lower)
+    shift = torch.tensor(TWO_MOONS_SHIFT, dtype=torch.float64)
+    points = (curve + shift) * TWO_MOONS_SCALE
+    points = points + torch.randn(num_samples, 2, generator=generator, dtype=torch.float64) * TWO_MOONS_NOISE_STD
+    return Dataset(
+        data=points.float(),
+        labels=labels,
+        num_classes=2,
+        kind="points",
+        class_names=["upper_moon", "lower_moon"],
+        name="two_moons",
+    )
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = torch.as_tensor(bunch.images, dtype=torch.float32)  # [N, 8, 8], values 0..16
+    images = (pixels / 16.0 * 2.0 - 1.0).unsqueeze(1).contiguous()
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return Dataset(
+        data=images,
+        labels=labels,
+        num_classes=10,
+        kind="image",
+        class_names=[str(digit) for digit in range(10)],
+        name="digits",
+    )
+
+
+def load_builtin(name: str, *, num_samples: int = 20000, seed: int = 0) -> Dataset:
+    """Load a built-in dataset; synthetic sets draw ``num_samples`` points deterministically from ``seed``.
+
+    ``digits`` is scikit-learn's 1,797 real 8x8 digit images (``num_samples`` is ignored).
+    """
+    check_choice("built-in dataset", name, BUILTIN_DATASETS)
+    if name == "digits":
+        return _load_digits()
+    check_positive("num_samples", num_samples, integer=True)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CAFMInputError(f"seed must be an int, got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    if name in MIXTURE_DATASETS:
+        return _sample_mixture(name, num_samples, generator)
+    if name == "checkerboard":
+        return _sample_checkerboard(num_samples, generator)
+    return _sample_two_moons(num_samples, generator)
+
+
+def _check_points(name: str, points: torch.Tensor) -> torch.Tensor:
+    dim = 1 if name == "four_modes_1d" else 2
+    check_tensor(f"points for {name}", points, shape=(None, dim), floating=True)
+    return points.detach().float().cpu()
+
+
+def nearest_mode(name: str, points: torch.Tensor) -> torch.Tensor:
+    """Index of the closest mode centre for each point of a mixture set (int64 ``[N]``)."""
+    check_choice("mixture dataset", name, MIXTURE_DATASETS)
+    points = _check_points(name, points)
+    return torch.cdist(points, mode_centres(name)).argmin(dim=1)
+
+
+def on_manifold(name: str, points: torch.Tensor) -> torch.Tensor:
+    """Whether each point lies on the support of synthetic set ``name`` (bool ``[N]``).
+
+    Mixtures: within ON_MANIFOLD_NUM_STD stds of a mode centre. Checkerboard: inside a black
+    cell, up to CHECKERBOARD_MARGIN. Two moons: within ON_MANIFOLD_NUM_STD noise stds of a moon curve.
+    """
+    check_choice("synthetic dataset", name, SYNTHETIC_DATASETS)
+    points = _check_points(name, points)
+    if name in MIXTURE_DATASETS:
+        distance = torch.cdist(points, mode_centres(name)).min(dim=1).values
+        return distance <= ON_MANIFOLD_NUM_STD * _mode_std(name)
+    if name == "checkerboard":
+        return _on_checkerboard(points)
+    upper, lower = _moon_curves(2000)
+    curve = torch.cat([upper, lower])
+    distance = torch.cdist(points, curve).min(dim=1).values
+    return distance <= ON_MANIFOLD_NUM_STD * TWO_MOONS_NOISE_STD
+
+
+def _on_checkerboard(points: torch.Tensor) -> torch.Tensor:
+    """True inside a black cell (or within CHECKERBOARD_MARGIN of one)."""
+    cell_size = 2 * CHECKERBOARD_EXTENT / CHECKERBOARD_CELLS
+    inside = torch.zeros(points.shape[0], dtype=torch.bool)
+    for row in range(CHECKERBOARD_CELLS):
+        for col in range(CHECKERBOARD_CELLS):
+            if (col + row) % 2:
+                continue
+            x_low = -CHECKERBOARD_EXTENT + col * cell_size - CHECKERBOARD_MARGIN
+            y_low = -CHECKERBOARD_EXTENT + row * cell_size - CHECKERBOARD_MARGIN
+            x_high = x_low + cell_size + 2 * CHECKERBOARD_MARGIN
+            y_high = y_low + cell_size + 2 * CHECKERBOARD_MARGIN
+            inside |= (
+                (points[:, 0] >= x_low)
+                & (points[:, 0] <= x_high)
+                & (points[:, 1] >= y_low)
+                & (points[:, 1] <= y_high)
+            )
+    return inside
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders (local or any fsspec URL, e.g. s3://bucket/prefix).
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+@dataclass
+class ImageFolderReport:
+    """What the image-folder reader found: good and bad files, per class."""
+
+    url: str
+    num_images: int
+    num_bad: int
+    bad_files: list[str]
+    bad_reasons: list[str]
+    classes: list[str]
+    class_counts: dict[str, int]
+    skipped_files: list[str] = field(default_factory=list)
+
+    @property
+    def bad_fraction(self) -> float:
+        total = self.num_images + self.num_bad
+        return self.num_bad / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "url": self.url,
+            "num_images": self.num_images,
+            "num_bad": self.num_bad,
+            "bad_fraction": self.bad_fraction,
+            "bad_files": list(self.bad_files),
+            "bad_reasons": list(self.bad_reasons),
+            "classes": list(self.classes),
+            "class_counts": dict(self.class_counts),
+            "skipped_files": list(self.skipped_files),
+        }
+
+
+def _decode_image(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
+    """Decode, convert mode, center-crop to square, resize; returns float32 ``[C, R, R]`` in [-1, 1]."""
+    from PIL import Image
+
+    if not raw:
+        raise OSError("file is empty (0 bytes)")
+    with Image.open(io.BytesIO(raw)) as image:
+        image.load()  # forces a full decode so truncated files fail here
+        converted = image.convert("L" if channels == 1 else "RGB")
+    width, height = converted.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = converted.crop((left, top, left + side, top + side))
+    if side != resolution:
+        square = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    array = np.asarray(square, dtype=np.float32)
+    if channels == 1:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
+def _entry_name(entry: dict) -> str:
+    return entry["name"].rstrip("/")
+
+
+def read_image_folder(
+    url: str,
+    *,
+    resolution: int,
+    channels: int = 3,
+    max_bad_fraction: float = 0.0,
+    storage_options: dict | None = None,
+    num_threads: int = 8,
+) -> tuple[Dataset, ImageFolderReport]:
+    """Read ``url/<class_name>/<image files>`` into an image Dataset plus a report of bad files.
+
+    Any fsspec URL works (a local path, ``file://``, ``s3://``). Images are converted to
+    grayscale (``channels=1``) or RGB (``channels=3``), center-cropped to a square, resized
+    to ``resolution`` and scaled to [-1, 1]. Unreadable files are listed in the report; if
+    their share exceeds ``max_bad_fraction`` a CAFMInputError is raised.
+    """
+    import fsspec
+
+    if not isinstance(url, str) or not url:
+        raise CAFMInputError(f"image folder url must be a non-empty string, got {url!r}")
+    check_positive("resolution", resolution, integer=True)
+    if channels not in (1, 3):
+        raise CAFMInputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if isinstance(max_bad_fraction, bool) or not 0.0 <= float(max_bad_fraction) < 1.0:
+        raise CAFMInputError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction!r}")
+    check_positive("num_threads", num_threads, integer=True)
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as error:
+        raise CAFMInputError(f"cannot open image folder {url!r}: {error}") from error
+    try:
+        root_exists = fs.isdir(root)
+    except (OSError, PermissionError) as error:
+        raise CAFMInputError(f"cannot access image folder {url!r}: {error}") from error
+    if not root_exists:
+        raise CAFMInputError(f"image folder {url!r} does not exist or is not a folder")
+
+    entries = fs.ls(root, detail=True)
+    if not entries:
+        raise CAFMInputError(f"image folder {url!r} is empty; expected class subfolders with images")
+    class_dirs = sorted(
+        (_entry_name(entry) for entry in entries if entry["type"] == "directory"),
+        key=posixpath.basename,
+    )
+    class_dirs = [path for path in class_dirs if not posixpath.basename(path).startswith(".")]
+    if not class_dirs:
+        raise CAFMInputError(
+            f"image folder {url!r} has no class subfolders; expected url/<class_name>/<image files>"
+        )
+
+    skipped: list[str] = []
+    candidates: list[tuple[str, str]] = []  # (class name, file path)
+    classes: list[str] = []
+    for class_dir in class_dirs:
+        class_name = posixpath.basename(class_dir)
+        files = sorted(_entry_name(entry) for entry in fs.ls(class_dir, detail=True) if entry["type"] == "file")
+        image_files = []
+        for path in files:
+            base = posixpath.basename(path)
+            if base.startswith(".") or not base.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append(path)
+            else:
+                image_files.append(path)
+        if image_files:
+            classes.append(class_name)
+            candidates.extend((class_name, path) for path in image_files)
+    if not candidates:
+        raise CAFMInputError(
+            f"image folder {url!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders"
+        )
+
+    def load_one(path: str) -> np.ndarray | str:
+        try:
+            return _decode_image(fs.cat_file(path), resolution=resolution, channels=channels)
+        except Exception as error:  # any decode or read failure marks the file bad
+            return f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max_workers=min(num_threads, len(candidates))) as pool:
+        results = list(pool.map(load_one, [path for _, path in candidates]))
+
+    class_index = {name: index for index, name in enumerate(classes)}
+    images, labels, bad_files, bad_reasons = [], [], [], []
+    class_counts = {name: 0 for name in classes}
+    for (class_name, path), result in zip(candidates, results):
+        if isinstance(result, str):
+            bad_files.append(path)
+            bad_reasons.append(result)
+        else:
+            images.append(result)
+            labels.append(class_index[class_name])
+            class_counts[class_name] += 1
+
+    report = ImageFolderReport(
+        url=url,
+        num_images=len(images),
+        num_bad=len(bad_files),
+        bad_files=bad_files,
+        bad_reasons=bad_reasons,
+        classes=classes,
+        class_counts=class_counts,
+        skipped_files=skipped,
+    )
+    if not images:
+        raise CAFMInputError(
+            f"image folder {url!r} has no readable images: all {len(bad_files)} files failed "
+            f"(first: {bad_files[:3]}, {bad_reasons[:1]})"
+        )
+    if report.bad_fraction > max_bad_fraction:
+        raise CAFMInputError(
+            f"image folder {url!r}: {len(bad_files)} of {len(candidates)} image files are unreadable "
+            f"({report.bad_fraction:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
+            f"first bad files: {bad_files[:5]}"
+        )
+
+    # Drop classes whose files were all bad so labels stay dense in [0, num_classes).
+    kept = [name for name in classes if class_counts[name] > 0]
+    if len(kept) != len(classes):
+        remap = {class_index[name]: index for index, name in enumerate(kept)}
+        labels = [remap[label] for label in labels]
+        report.classes = kept
+    dataset = Dataset(
+        data=torch.from_numpy(np.stack(images)).float(),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        num_classes=len(kept),
+        kind="image",
+        class_names=kept,
+        name=url,
+    )
+    return dataset, report

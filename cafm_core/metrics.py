@@ -1,0 +1,264 @@
+"""Sample-quality metrics: Fréchet distance, KID, k-NN precision/recall, sliced Wasserstein,
+and mode coverage for the synthetic sets.
+
+Features are ``[N, F]`` tensors or arrays (any feature network's output); low-dim points are
+``[N, D]``. Everything is computed here in numpy/torch (no scipy) so results do not depend on
+a scipy version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cafm_core.checks import CAFMInputError, check_positive
+from cafm_core.data import MIXTURE_DATASETS, SYNTHETIC_DATASETS, mode_centres, nearest_mode, on_manifold
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_features(name: str, value: object, *, min_samples: int = 1) -> np.ndarray:
+    """Return ``value`` as a finite float64 ``[N, F]`` array with at least ``min_samples`` rows."""
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().double().numpy()
+    elif isinstance(value, np.ndarray):
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise CAFMInputError(f"{name} must be a numeric array, got dtype {value.dtype}")
+        array = value.astype(np.float64, copy=False)
+    else:
+        raise CAFMInputError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if array.ndim != 2:
+        raise CAFMInputError(f"{name} must be 2-D [num_samples, feature_dim], got shape {array.shape}")
+    if array.shape[1] == 0:
+        raise CAFMInputError(f"{name} has feature_dim 0, got shape {array.shape}")
+    if array.shape[0] < min_samples:
+        raise CAFMInputError(f"{name} needs at least {min_samples} samples, got {array.shape[0]}")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise CAFMInputError(f"{name} contains {bad} NaN/inf values; expected finite features")
+    return array
+
+
+def _check_same_dim(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("real", "fake")) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise CAFMInputError(
+            f"{names[0]} and {names[1]} must have the same feature dim, got {a.shape[1]} and {b.shape[1]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[F]`` and (unbiased) covariance ``[F, F]`` of ``[N, F]`` features, in float64."""
+    array = _as_features("features", features, min_samples=2)
+    mu = array.mean(axis=0)
+    sigma = np.atleast_2d(np.cov(array, rowvar=False))
+    return mu, sigma
+
+
+def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric PSD matrix via eigendecomposition (tiny negative eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    root = np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return (eigenvectors * root) @ eigenvectors.T
+
+
+def _check_statistics(name: str, mu: object, sigma: object) -> tuple[np.ndarray, np.ndarray]:
+    mu = np.asarray(mu.detach().cpu() if isinstance(mu, torch.Tensor) else mu, dtype=np.float64)
+    sigma = np.asarray(sigma.detach().cpu() if isinstance(sigma, torch.Tensor) else sigma, dtype=np.float64)
+    if mu.ndim != 1:
+        raise CAFMInputError(f"mu{name} must be 1-D [F], got shape {mu.shape}")
+    if sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise CAFMInputError(
+            f"sigma{name} must have shape ({mu.shape[0]}, {mu.shape[0]}) to match mu{name}, got {sigma.shape}"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise CAFMInputError(f"mu{name}/sigma{name} contain NaN/inf values; expected finite statistics")
+    return mu, sigma
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``, where the last trace is the
+    sum of square roots of the eigenvalues of the symmetric PSD matrix ``S1^(1/2) S2 S1^(1/2)``
+    (same spectrum as ``S1 S2``), computed in float64 without scipy.
+    """
+    mu1, sigma1 = _check_statistics("1", mu1, sigma1)
+    mu2, sigma2 = _check_statistics("2", mu2, sigma2)
+    if mu1.shape != mu2.shape:
+        raise CAFMInputError(f"mu1 and mu2 must have the same feature dim, got {mu1.shape} and {mu2.shape}")
+    sigma1 = (sigma1 + sigma1.T) / 2
+    sigma2 = (sigma2 + sigma2.T) / 2
+    sqrt_sigma1 = _symmetric_sqrt(sigma1)
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    product = (product + product.T) / 2
+    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh(product), 0.0, None)).sum()
+    difference = mu1 - mu2
+    distance = difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product
+    return float(max(distance, 0.0))
+
+
+def frechet_distance_from_features(real: ArrayLike, fake: ArrayLike) -> float:
+    """Fréchet distance between Gaussian fits of two ``[N, F]`` feature sets."""
+    real_array = _as_features("real features", real, min_samples=2)
+    fake_array = _as_features("fake features", fake, min_samples=2)
+    _check_same_dim(real_array, fake_array)
+    return frechet_distance(*feature_statistics(real_array), *feature_statistics(fake_array))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel Inception Distance
+
+
+def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's cubic kernel ``(x . y / d + 1)^3``."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def kernel_inception_distance(
+    real: ArrayLike,
+    fake: ArrayLike,
+    *,
+    subset_size: int = 1000,
+    num_subsets: int = 100,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID: unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets.
+
+    Each subset draws ``m = min(subset_size, N_real, N_fake)`` samples without replacement
+    from each set. Near 0 (possibly slightly negative) when both come from one distribution.
+    """
+    real_array = _as_features("real features", real, min_samples=2)
+    fake_array = _as_features("fake features", fake, min_samples=2)
+    _check_same_dim(real_array, fake_array)
+    check_positive("subset_size", subset_size, integer=True)
+    check_positive("num_subsets", num_subsets, integer=True)
+    size = min(subset_size, real_array.shape[0], fake_array.shape[0])
+    if size < 2:
+        raise CAFMInputError(f"subset_size must be >= 2 for the unbiased MMD estimate, got {subset_size}")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(num_subsets)
+    for index in range(num_subsets):
+        x = real_array[rng.choice(real_array.shape[0], size, replace=False)]
+        y = fake_array[rng.choice(fake_array.shape[0], size, replace=False)]
+        kernel_xx = _polynomial_kernel(x, x)
+        kernel_yy = _polynomial_kernel(y, y)
+        kernel_xy = _polynomial_kernel(x, y)
+        within = (kernel_xx.sum() - np.trace(kernel_xx) + kernel_yy.sum() - np.trace(kernel_yy)) / (
+            size * (size - 1)
+        )
+        estimates[index] = within - 2.0 * kernel_xy.mean()
+    return float(estimates.mean()), float(estimates.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision / recall (Kynkäänniemi et al. 2019)
+
+_DISTANCE_CHUNK = 1024
+
+
+def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point of the same set."""
+    radii = []
+    for start in range(0, points.shape[0], _DISTANCE_CHUNK):
+        distances = torch.cdist(points[start : start + _DISTANCE_CHUNK], points)
+        # k + 1 smallest includes the point itself at distance 0.
+        radii.append(distances.topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(radii)
+
+
+def _within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Whether each query lies inside at least one ball (support point, its radius)."""
+    inside = []
+    for start in range(0, queries.shape[0], _DISTANCE_CHUNK):
+        distances = torch.cdist(queries[start : start + _DISTANCE_CHUNK], support)
+        inside.append((distances <= radii.unsqueeze(0)).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: ArrayLike, fake: ArrayLike, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall with k-NN manifold estimates.
+
+    Precision: share of fake samples inside the k-NN ball of some real sample (quality).
+    Recall: share of real samples inside the k-NN ball of some fake sample (coverage).
+    """
+    check_positive("k", k, integer=True)
+    real_array = _as_features("real features", real, min_samples=k + 1)
+    fake_array = _as_features("fake features", fake, min_samples=k + 1)
+    _check_same_dim(real_array, fake_array)
+    real_points = torch.from_numpy(real_array)
+    fake_points = torch.from_numpy(fake_array)
+    real_radii = _knn_radii(real_points, k)
+    fake_radii = _knn_radii(fake_points, k)
+    precision = _within_manifold(fake_points, real_points, real_radii).double().mean()
+    recall = _within_manifold(real_points, fake_points, fake_radii).double().mean()
+    return float(precision), float(recall)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliced Wasserstein distance
+
+
+def _wasserstein_1d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact W1 between empirical distributions, batched: ``a`` [P, Na], ``b`` [P, Nb] -> [P].
+
+    W1 = integral of |F_a(x) - F_b(x)| dx over the merged support, which handles unequal
+    sample counts exactly.
+    """
+    a_sorted = a.sort(dim=1).values.contiguous()
+    b_sorted = b.sort(dim=1).values.contiguous()
+    merged = torch.cat([a_sorted, b_sorted], dim=1).sort(dim=1).values.contiguous()
+    left_edges = merged[:, :-1].contiguous()
+    cdf_a = torch.searchsorted(a_sorted, left_edges, right=True).double() / a.shape[1]
+    cdf_b = torch.searchsorted(b_sorted, left_edges, right=True).double() / b.shape[1]
+    gaps = merged[:, 1:] - merged[:, :-1]
+    return ((cdf_a - cdf_b).abs() * gaps).sum(dim=1)
+
+
+def sliced_wasserstein(a: ArrayLike, b: ArrayLike, *, num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance: W1 of 1-D projections, averaged over random directions.
+
+    For 1-D data every direction is +-1, so this equals W1 exactly (a shift s gives s).
+    """
+    check_positive("num_projections", num_projections, integer=True)
+    a_array = _as_features("a", a, min_samples=1)
+    b_array = _as_features("b", b, min_samples=1)
+    _check_same_dim(a_array, b_array, ("a", "b"))
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(num_projections, a_array.shape[1], generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    projected_a = directions @ torch.from_numpy(a_array).T  # [P, Na]
+    projected_b = directions @ torch.from_numpy(b_array).T  # [P, Nb]
+    return float(_wasserstein_1d(projected_a, projected_b).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode coverage on the synthetic sets
+
+
+def mode_coverage(name: str, points: torch.Tensor) -> dict:
+    """On/off-manifold shares of ``points`` for synthetic set ``name``; for mixtures also modes hit.
+
+    Mixtures add ``num_modes``, ``modes_hit`` (modes with at least one on-manifold point) and
+    ``mode_shares`` (share of all points that are on-manifold at each mode).
+    """
+    if name not in SYNTHETIC_DATASETS:
+        raise CAFMInputError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC_DATASETS)}")
+    if not isinstance(points, torch.Tensor):
+        raise CAFMInputError(f"points must be a torch.Tensor, got {type(points).__name__}")
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise CAFMInputError(f"points must be a non-empty [N, D] tensor, got shape {tuple(points.shape)}")
+    on = on_manifold(name, points)
+    on_fraction = float(on.double().mean())
+    result: dict = {"on_manifold_fraction": on_fraction, "off_manifold_fraction": 1.0 - on_fraction}
+    if name in MIXTURE_DATASETS:
+        num_modes = mode_centres(name).shape[0]
+        modes = nearest_mode(name, points)[on]
+        counts = torch.bincount(modes, minlength=num_modes)
+        result["num_modes"] = num_modes
+        result["modes_hit"] = int((counts > 0).sum())
+        result["mode_shares"] = (counts.double() / points.shape[0]).tolist()
+    return result

@@ -1,0 +1,146 @@
+"""Metrics against closed forms and scipy references, and their input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from cafm_core.checks import CAFMInputError
+from cafm_core.data import load_builtin
+from cafm_core.metrics import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    kernel_inception_distance,
+    mode_coverage,
+    precision_recall,
+    sliced_wasserstein,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:
+    factor = rng.normal(size=(dim, dim))
+    return factor @ factor.T / dim + 0.1 * np.eye(dim)
+
+
+def _scipy_frechet(mu1, sigma1, mu2, sigma2) -> float:
+    covariance_mean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covariance_mean))
+
+
+@pytest.mark.parametrize("dim", [1, 5, 32])
+def test_frechet_distance_matches_scipy_sqrtm_reference(dim):
+    rng = np.random.default_rng(dim)
+    mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+    sigma1, sigma2 = _random_spd(rng, dim), _random_spd(rng, dim)
+    expected = _scipy_frechet(mu1, sigma1, mu2, sigma2)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics():
+    rng = np.random.default_rng(1)
+    mu, sigma = rng.normal(size=16), _random_spd(rng, 16)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    variances1, variances2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5.0 + ((np.sqrt(variances1) - np.sqrt(variances2)) ** 2).sum()  # 5 + 4 + 1 + 0
+    assert frechet_distance(mu1, np.diag(variances1), mu2, np.diag(variances2)) == pytest.approx(expected)
+
+
+def test_frechet_distance_from_features_grows_with_shift():
+    real = torch.randn(2000, 4)
+    same = torch.randn(2000, 4)
+    shifted = torch.randn(2000, 4) + 2.0
+    assert frechet_distance_from_features(real, same) < 0.05
+    assert frechet_distance_from_features(real, shifted) == pytest.approx(16.0, rel=0.05)
+    mu, sigma = feature_statistics(real)
+    assert mu.dtype == np.float64 and sigma.shape == (4, 4)
+
+
+def test_kid_is_near_zero_for_same_distribution_and_positive_for_shifted():
+    real, same, shifted = torch.randn(600, 8), torch.randn(600, 8), torch.randn(600, 8) + 1.0
+    same_mean, same_std = kernel_inception_distance(real, same, subset_size=300, num_subsets=20)
+    shifted_mean, _ = kernel_inception_distance(real, shifted, subset_size=300, num_subsets=20)
+    assert abs(same_mean) < 0.01 and same_std >= 0.0
+    assert shifted_mean > 0.1
+    assert kernel_inception_distance(real, shifted, subset_size=300, num_subsets=20, seed=0)[0] == shifted_mean
+
+
+def test_precision_recall_same_distribution_far_fake_and_collapsed_fake():
+    real = load_builtin("eight_gaussians", num_samples=2000, seed=0).data
+    same_dataset = load_builtin("eight_gaussians", num_samples=2000, seed=1)
+    same = same_dataset.data
+    precision, recall = precision_recall(real, same, k=3)
+    assert precision > 0.9 and recall > 0.9
+
+    far = same + 10.0
+    precision, recall = precision_recall(real, far, k=3)
+    assert precision < 0.05 and recall < 0.05
+
+    one_mode = same[same_dataset.labels == 0]  # only the mode at angle 0
+    precision, recall = precision_recall(real, one_mode, k=3)
+    assert precision > 0.9 and recall < 0.25
+
+
+def test_sliced_wasserstein_is_zero_for_same_points_and_equals_1d_shift():
+    points = torch.randn(1000, 1)
+    assert sliced_wasserstein(points, points) == pytest.approx(0.0, abs=1e-12)
+    assert sliced_wasserstein(points, points + 0.7) == pytest.approx(0.7, rel=1e-6)
+    # unequal sample counts: W1 between a sample and a point mass is the mean distance
+    assert sliced_wasserstein(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]])) == pytest.approx(1.0)
+
+
+def test_sliced_wasserstein_grows_with_shift_in_2d():
+    real = torch.randn(800, 2)
+    other = torch.randn(500, 2)
+    distances = [sliced_wasserstein(real, other + shift) for shift in (0.0, 0.5, 1.0, 2.0)]
+    assert distances[0] < 0.15
+    assert distances == sorted(distances)
+
+
+def test_mode_coverage_true_samples_versus_collapsed_sample():
+    dataset = load_builtin("eight_gaussians", num_samples=4000, seed=2)
+    true = dataset.data
+    coverage = mode_coverage("eight_gaussians", true)
+    assert coverage["modes_hit"] == 8 and coverage["num_modes"] == 8
+    assert coverage["on_manifold_fraction"] > 0.99
+    assert coverage["on_manifold_fraction"] + coverage["off_manifold_fraction"] == pytest.approx(1.0)
+    assert all(abs(share - 1 / 8) < 0.03 for share in coverage["mode_shares"])
+
+    collapsed = torch.cat([true[dataset.labels == 0], torch.zeros(100, 2)])  # one mode + junk at origin
+    coverage = mode_coverage("eight_gaussians", collapsed)
+    assert coverage["modes_hit"] == 1
+    assert 0.0 < coverage["off_manifold_fraction"] < 0.5
+
+    board = mode_coverage("checkerboard", load_builtin("checkerboard", num_samples=1000).data)
+    assert board["on_manifold_fraction"] == 1.0 and "modes_hit" not in board
+
+
+def test_metrics_reject_bad_inputs():
+    real = torch.randn(50, 4)
+    with pytest.raises(CAFMInputError, match="same feature dim"):
+        frechet_distance_from_features(real, torch.randn(50, 3))
+    with pytest.raises(CAFMInputError, match="NaN"):
+        kernel_inception_distance(real, torch.full((50, 4), float("nan")))
+    with pytest.raises(CAFMInputError, match="2-D"):
+        precision_recall(real, torch.randn(50))
+    with pytest.raises(CAFMInputError, match="at least 4 samples"):
+        precision_recall(real, torch.randn(3, 4), k=3)
+    with pytest.raises(CAFMInputError, match="sigma1"):
+        frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(CAFMInputError, match="same feature dim"):
+        sliced_wasserstein(real, torch.randn(10, 2))
+    with pytest.raises(CAFMInputError, match="num_projections"):
+        sliced_wasserstein(real, real, num_projections=0)
+    with pytest.raises(CAFMInputError, match="synthetic"):
+        mode_coverage("digits", real)

@@ -1,0 +1,97 @@
+"""Model families: shapes, parameterisations, presets, discriminator initialisation."""
+
+import pytest
+import torch
+
+from cafm_core.checks import CAFMInputError
+from cafm_core.models import (
+    DIT_PRESETS,
+    MLPConfig,
+    build_discriminator,
+    build_generator,
+    config_from_dict,
+    discriminator_from_generator,
+    dit_config,
+)
+from cafm_core.path import interpolate
+
+from .helpers import image_batch, perturbed
+
+
+def test_discriminator_init_reproduces_generator_hidden_states():
+    generator = perturbed(build_generator(dit_config("tiny", num_classes=10))).double()
+    discriminator = discriminator_from_generator(generator).double()
+    x, t, y = image_batch()
+    generator_hidden, generator_c = generator.backbone(x, t, y)
+    discriminator_hidden, discriminator_c = discriminator.backbone(x, t, y)
+    torch.testing.assert_close(discriminator_hidden, generator_hidden, rtol=0, atol=0)
+    torch.testing.assert_close(discriminator_c, generator_c, rtol=0, atol=0)
+    # only the token and the head are new
+    shared = {k for k in discriminator.state_dict() if k.startswith("backbone.")}
+    assert set(discriminator.state_dict()) - shared == {"token", "head_norm.weight", "head_norm.bias", "head.weight", "head.bias"}
+    # and a freshly built discriminator does not reproduce them
+    fresh_hidden, _ = build_discriminator(generator.config).double().backbone(x, t, y)
+    assert not torch.allclose(fresh_hidden, generator_hidden)
+
+
+def test_mlp_discriminator_init_copies_backbone():
+    generator = perturbed(build_generator(MLPConfig(num_classes=4)))
+    discriminator = discriminator_from_generator(generator)
+    x, t, y = torch.randn(6, 2), torch.rand(6), torch.randint(0, 4, (6,))
+    torch.testing.assert_close(discriminator.backbone(x, t, y), generator.backbone(x, t, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", sorted(DIT_PRESETS))
+def test_presets_build_and_output_velocity_shaped_like_input(preset):
+    config = dit_config(preset, image_size=8, in_channels=3, num_classes=10)
+    generator = build_generator(config)
+    discriminator = build_discriminator(config)
+    x = torch.randn(2, 3, 8, 8)
+    t, y = torch.rand(2), torch.tensor([1, 10])  # 10 = null class
+    assert generator(x, t, y).shape == x.shape
+    assert discriminator(x, t, y).shape == (2,)
+
+
+def test_fresh_generator_outputs_zero_velocity_adaln_zero():
+    generator = build_generator(dit_config("tiny"))
+    x, t, y = image_batch(dtype=torch.float32)
+    assert torch.count_nonzero(generator(x, t, y)) == 0
+
+
+def test_x_prediction_converts_to_velocity_on_the_path():
+    """If the network predicted x0 exactly, the returned velocity is eps - x0 (for t >= min_t)."""
+    config = dit_config("tiny", prediction="x", num_classes=0)
+    generator = build_generator(config).double()
+    x0, eps = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
+    x_t = interpolate(x0, eps, t)
+    generator.unpatchify = lambda tokens: x0  # an oracle network output
+    torch.testing.assert_close(generator(x_t, t, None), eps - x0)
+
+
+def test_config_round_trip_and_unknown_fields():
+    config = dit_config("mini", num_classes=3, prediction="x")
+    assert config_from_dict(config.to_dict()) == config
+    assert config_from_dict(MLPConfig().to_dict()) == MLPConfig()
+    with pytest.raises(CAFMInputError, match="unknown dit config fields \\['depthh'\\]"):
+        config_from_dict({**config.to_dict(), "depthh": 3})
+    with pytest.raises(CAFMInputError, match="unknown model kind 'unet'"):
+        config_from_dict({"kind": "unet"})
+
+
+def test_bad_model_inputs_name_the_value():
+    with pytest.raises(CAFMInputError, match="unknown DiT preset 'huge'"):
+        dit_config("huge")
+    with pytest.raises(CAFMInputError, match="divisible by patch_size"):
+        dit_config("tiny", image_size=9)
+    with pytest.raises(CAFMInputError, match="unknown prediction 'eps'"):
+        dit_config("tiny", prediction="eps")
+    generator = build_generator(dit_config("tiny", num_classes=10))
+    with pytest.raises(CAFMInputError, match=r"x must have shape \(B, 1, 8, 8\), got \(2, 3, 8, 8\)"):
+        generator(torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(CAFMInputError, match="y must be int labels"):
+        generator(torch.randn(2, 1, 8, 8), torch.rand(2), None)
+    with pytest.raises(CAFMInputError, match="floating point"):
+        generator(torch.zeros(2, 1, 8, 8, dtype=torch.long), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(CAFMInputError, match="unconditional"):
+        build_generator(MLPConfig())(torch.randn(2, 2), torch.rand(2), torch.zeros(2, dtype=torch.long))
