@@ -40,8 +40,11 @@ __all__ = [
     "checkpoint_to_bytes",
     "flatten_state_dicts",
     "load_checkpoint",
+    "load_model",
+    "model_from_checkpoint",
     "load_state_dict_checked",
     "save_checkpoint",
+    "save_model",
     "unflatten_state_dicts",
 ]
 
@@ -377,3 +380,44 @@ def load_state_dict_checked(
     left = [k for k in result.missing_keys if not _matches(k, allow)]
     if left or result.unexpected_keys:  # should not happen after the checks above
         raise CAFMInputError(f"loading left keys unset: {left[:_MAX_LISTED]}, unexpected: {result.unexpected_keys[:_MAX_LISTED]}")
+
+
+def save_model(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    ema_shadow: Mapping[str, Tensor] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Save a generator or discriminator (``model.config`` must exist) and optionally its EMA."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise CAFMInputError(f"{type(model).__name__} has no .config with to_dict(); cannot save it rebuildably")
+    state = {"model": model.state_dict()}
+    if ema_shadow is not None:
+        state["ema"] = dict(ema_shadow)
+    meta = {"class": type(model).__name__, **(metadata or {})}
+    return save_checkpoint(directory, flatten_state_dicts(state), config.to_dict(), meta)
+
+
+def model_from_checkpoint(
+    tensors: Mapping[str, Tensor], config: dict, metadata: dict, *, use_ema: bool = True
+) -> nn.Module:
+    """Rebuild the saved generator/discriminator; its EMA weights if present and ``use_ema``."""
+    from cafm_core.models import build_discriminator, build_generator, config_from_dict
+
+    model_config = config_from_dict(dict(config))
+    builder = build_discriminator if metadata.get("class", "").endswith("Discriminator") else build_generator
+    model = builder(model_config)
+    states = unflatten_state_dicts(tensors)
+    if "model" not in states:
+        raise CAFMInputError(f"checkpoint holds {sorted(states)}; expected a 'model' state")
+    chosen = states["ema"] if use_ema and "ema" in states else states["model"]
+    load_state_dict_checked(model, chosen)
+    return model
+
+
+def load_model(directory: str | os.PathLike, *, use_ema: bool = True) -> nn.Module:
+    """Load a model saved by :func:`save_model` from a local directory."""
+    tensors, config, metadata = load_checkpoint(directory)
+    return model_from_checkpoint(tensors, config, metadata, use_ema=use_ema)

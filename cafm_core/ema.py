@@ -37,12 +37,16 @@ class EMA:
     """Shadow copy of a module's weights: ``shadow = decay * shadow + (1 - decay) * current``.
 
     Floating tensors are averaged in float32; integer/bool buffers (e.g. counters) are copied.
+    With ``warmup`` the decay used at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so
+    a short run is not dominated by the initial weights (0.999 over 2,000 steps would
+    still hold 13% of them).
     The shadow lives on the module's device at construction time.
     """
 
-    def __init__(self, module: nn.Module, decay: float = 0.999):
+    def __init__(self, module: nn.Module, decay: float = 0.999, *, warmup: bool = False):
         _check_module(module)
         self.decay = _check_decay(decay)
+        self.warmup = warmup
         self.num_updates = 0
         with torch.no_grad():
             self.shadow: dict[str, Tensor] = {
@@ -68,15 +72,23 @@ class EMA:
             )
         return current
 
+    @property
+    def current_decay(self) -> float:
+        """The decay the next update will use."""
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         """Move the shadow towards ``module``'s current weights by ``1 - decay``."""
         current = self._current(module)
+        decay = self.current_decay
         for name, shadow in self.shadow.items():
             value = current[name].to(shadow.device)
             if shadow.is_floating_point():
                 # two rounded products then a sum: exactly decay*old + (1-decay)*new in float32
-                shadow.mul_(self.decay).add_(value.float() * (1.0 - self.decay))
+                shadow.mul_(decay).add_(value.float() * (1.0 - decay))
             else:
                 shadow.copy_(value)
         self.num_updates += 1

@@ -85,3 +85,20 @@ def test_mismatched_module():
     ema = EMA(_net())
     with pytest.raises(CAFMInputError, match="does not match"):
         ema.update(nn.Linear(4, 3))
+
+
+def test_warmup_decay_ramps_up_to_the_configured_decay():
+    import torch
+
+    from cafm_core.ema import EMA
+
+    module = torch.nn.Linear(2, 2)
+    ema = EMA(module, decay=0.99, warmup=True)
+    seen = []
+    for _ in range(1000):
+        seen.append(ema.current_decay)
+        ema.update(module)
+    assert seen[0] == 0.1 and seen[1] == 2 / 11
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
+    assert seen[-1] == 0.99
+    assert EMA(module, decay=0.99).current_decay == 0.99

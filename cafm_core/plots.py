@@ -1,0 +1,65 @@
+"""Pictures of samples: image grids (PIL) and scatter plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from cafm_core.checks import CAFMInputError
+
+
+def image_grid(images: torch.Tensor, *, columns: int = 10, scale: int = 4, padding: int = 1) -> Image.Image:
+    """Tile ``[N, C, H, W]`` images in ``[-1, 1]`` into one picture, each pixel ``scale`` times."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise CAFMInputError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    cell_h, cell_w = h * scale + padding, w * scale + padding
+    canvas = np.full((rows * cell_h + padding, columns * cell_w + padding, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        tile = pixels[i].repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas[padding + r * cell_h : padding + r * cell_h + h * scale, padding + col * cell_w : padding + col * cell_w + w * scale] = tile
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def labelled_grids(grids: Sequence[tuple[str, Image.Image]]) -> Image.Image:
+    """Stack grids vertically with a caption above each."""
+    caption_height = 14
+    width = max(g.width for _, g in grids)
+    height = sum(g.height + caption_height for _, g in grids)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for caption, grid in grids:
+        draw.text((2, y + 1), caption, fill="black")
+        canvas.paste(grid.convert("RGB"), (0, y + caption_height))
+        y += grid.height + caption_height
+    return canvas
+
+
+def scatter_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str, *, limit: float = 3.0) -> None:
+    """Side-by-side scatter plots of 2-D (or 1-D, as histograms) point sets, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels):
+        points = points.detach().cpu().numpy()
+        if points.shape[1] == 1:
+            ax.hist(points[:, 0], bins=120, range=(-limit * 1.5, limit * 1.5), color="tab:blue")
+        else:
+            ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4)
+            ax.set_xlim(-limit, limit)
+            ax.set_ylim(-limit, limit)
+            ax.set_aspect("equal")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
