@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"d_{m}": (lambda m=m: discriminator_step(generator, wrappers[m], d_opt, batch, cafm[m])) for m in cafm},
         **{f"g_{m}": (lambda m=m: generator_step(generator, discriminator, g_opt, batch, cafm[m])) for m in cafm},
     }
+    # The two logit modes must agree (they are two exact computations of one quantity).
+    with autocast():
+        probe_t = torch.rand(args.batch, device=device)
+        probe_tangents = torch.stack([torch.randn_like(x0), torch.randn_like(x0)])
+        reverse_logits = wrappers["reverse"](x0, probe_t, y, probe_tangents, create_graph=False)[1].float()
+        forward_logits = wrappers["forward"](x0, probe_t, y, probe_tangents)[1].detach().float()
+    mode_agreement = float((forward_logits - reverse_logits).norm() / reverse_logits.norm())
+
     times: dict[str, list[float]] = {k: [] for k in kinds}
     with autocast():
         for step in kinds.values():  # warm-up
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_seconds_median": median,
         "ratio_to_fm_step": ratios,
         "sampling": sampling,
+        "logit_modes_relative_difference": mode_agreement,
     }
     print(f"device {result['device']}, torch {result['torch']}, {args.dtype}, DiT-{args.preset} "
           f"({result['model']['parameters']:,} params), {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}")
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in cafm:
         cycle = (n * median[f"d_{mode}"] + median[f"g_{mode}"]) / median["fm"]
         print(f"CAFM cycle (N={n} D + 1 G, {mode}) per step: {cycle / (n + 1):.2f}x FM")
+    print(f"forward vs reverse logits: relative difference {mode_agreement:.1e}")
     print(f"Heun sampling, NFE {args.nfe}: {sampling['images_per_s']:.0f} images/s, "
           f"peak {sampling['peak_mib']:.0f} MiB ({sampling['peak_kind']})")
     if args.json:

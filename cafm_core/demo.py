@@ -111,7 +111,8 @@ def run_demo(
                                  discriminator_steps=8, warmup_steps=chosen.warmup_steps, logit_mode=logit_mode,
                                  seed=seed, log_every=max(1, chosen.cafm_steps // 10))
     else:
-        model_config = MLPConfig(data_dim=dataset.data.shape[1], hidden_size=64, depth=3, num_classes=dataset.num_classes)
+        # unconditional: for low-dim sets the question is whether the flow stays on the data
+        model_config = MLPConfig(data_dim=dataset.data.shape[1], hidden_size=64, depth=3, num_classes=0)
         fm_config = FlowMatchingConfig(steps=chosen.fm_steps, batch_size=256, lr=2e-3, seed=seed, log_every=max(1, chosen.fm_steps // 10))
         cafm_config = CAFMConfig(steps=chosen.cafm_steps, batch_size=256, generator_lr=1e-4, discriminator_lr=1e-3,
                                  discriminator_steps=4, warmup_steps=chosen.warmup_steps, logit_mode=logit_mode,
@@ -123,7 +124,8 @@ def run_demo(
         feature_net, feature_report = train_feature_network(dataset, steps=chosen.feature_steps, seed=seed)
         print(f"  val accuracy {feature_report['val_accuracy']:.3f}", flush=True)
 
-    batches = infinite_batches(dataset.data, dataset.labels, fm_config.batch_size, seed=seed)
+    train_labels = dataset.labels if model_config.num_classes > 0 else None
+    batches = infinite_batches(dataset.data, train_labels, fm_config.batch_size, seed=seed)
     generator = build_generator(model_config).to(device)
     fm_ema = EMA(generator, decay=fm_config.ema_decay, warmup=True)
     print(f"FM pretraining: {fm_config.steps} steps", flush=True)
@@ -137,7 +139,7 @@ def run_demo(
     cafm_ema = EMA(generator, decay=cafm_config.ema_decay, warmup=True)
     print(f"CAFM post-training: {cafm_config.steps} steps ({cafm_config.warmup_steps} D-only warmup, "
           f"N={cafm_config.discriminator_steps}, {cafm_config.num_generator_steps} G steps, {logit_mode} logits)", flush=True)
-    cafm_batches = infinite_batches(dataset.data, dataset.labels, cafm_config.batch_size, seed=seed + 1)
+    cafm_batches = infinite_batches(dataset.data, train_labels, cafm_config.batch_size, seed=seed + 1)
     cafm_result = train_cafm(generator, discriminator, cafm_batches, cafm_config, ema=cafm_ema, device=device,
                              callback=_progress("CAFM", cafm_config.steps))
     cafm_ema.copy_to(generator)
