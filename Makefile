@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run smoke test test-all bench clean
+.PHONY: setup run smoke demo test unit bench clean
 
 setup: $(STAMP)
 
@@ -18,14 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-run: setup          ## the main job (for now: the core demo, FM then CAFM on digits)
+run: setup          ## the main job: the full pipeline on digits with embedded defaults
+	$(VENV)/bin/cafm-pipeline run $(ARGS)
+
+smoke: setup        ## the same pipeline stages with few steps
+	$(VENV)/bin/cafm-pipeline run --profile smoke $(ARGS)
+
+demo: setup         ## the core demo: cafm_core alone, no services
 	$(VENV)/bin/cafm-demo $(ARGS)
 
-smoke: setup
-	$(VENV)/bin/cafm-demo --profile smoke $(ARGS)
-
-test: setup         ## the test suite CI runs
+test: setup         ## the test suite CI runs (unit + integration with real services on loopback)
 	$(PY) -m pytest -q $(ARGS)
+
+unit: setup
+	$(PY) -m pytest -q tests/unit $(ARGS)
 
 bench: setup
 	$(PY) bench/bench_core.py $(ARGS)

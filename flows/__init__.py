@@ -1,4 +1,6 @@
-"""Prefect flows composing the pipeline's tasks into a DAG (built in the pipeline issue).
+"""Prefect flows composing the pipeline's tasks into a DAG.
 
 Dependencies point one way: ``flows -> tasks -> cafm_core``.
 """
+
+from tasks import _offline  # noqa: F401  (telemetry off before Prefect loads)

@@ -1,0 +1,157 @@
+"""Typed pipeline parameters (pydantic): validated before any compute; the Prefect UI
+renders them as a form. Two embedded profiles: ``default`` (the main job) and ``smoke``
+(same stages, few steps)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cafm_core.data import BUILTIN_DATASETS
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Params):
+    source: str = Field("digits", description=f"built-in set ({', '.join(BUILTIN_DATASETS)}) or an image folder path / s3:// URL with class subfolders")
+    resolution: int | None = Field(None, ge=8, le=1024, description="image folders: side length after center-crop + resize")
+    channels: Literal[1, 3] | None = Field(None, description="image folders: 1 (grayscale) or 3 (RGB)")
+    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of unreadable images tolerated (counted, reported)")
+    num_samples: int = Field(20000, ge=16, description="synthetic sets: number of points")
+    feature_steps: int = Field(400, ge=1, description="training steps of the in-domain feature network")
+
+    @model_validator(mode="after")
+    def _folder_needs_shape(self) -> DataParams:
+        if self.source not in BUILTIN_DATASETS:
+            if not self.source.strip():
+                raise ValueError("data.source is empty: give a built-in name or an image folder path / s3:// URL")
+            if self.resolution is None or self.channels is None:
+                raise ValueError(f"data.source {self.source!r} is an image folder: set data.resolution and data.channels")
+        return self
+
+
+class ModelParams(_Params):
+    preset: Literal["tiny", "mini", "small", "base"] = "tiny"
+    patch_size: int = Field(2, ge=1)
+    prediction: Literal["velocity", "x"] = "velocity"
+    time_scale: float = Field(1000.0, gt=0)
+    mlp_hidden: int = Field(64, ge=4, description="low-dim sets: MLP width")
+    mlp_depth: int = Field(3, ge=1, description="low-dim sets: MLP depth")
+
+
+class TimeParams(_Params):
+    kind: Literal["uniform", "logit_normal"] = "uniform"
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0)
+
+
+class FMParams(_Params):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch (split over workers)")
+    lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_drop: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    time_sampler: TimeParams = TimeParams()
+
+
+class CAFMParams(_Params):
+    enabled: bool = True
+    init_checkpoint: str | None = Field(None, description="start from this FM checkpoint URL instead of this run's FM stage")
+    steps: int = Field(1000, ge=1, description="optimisation steps of either network, warmup included")
+    warmup_steps: int = Field(200, ge=0, description="discriminator-only steps first")
+    discriminator_steps: int = Field(8, ge=1, description="N: discriminator steps per generator step")
+    batch_size: int = Field(128, ge=1)
+    generator_lr: float = Field(1e-5, gt=0)
+    discriminator_lr: float = Field(1e-4, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    centering_penalty: float = Field(1e-3, ge=0)
+    transport_penalty: float = Field(0.0, ge=0)
+    logit_mode: Literal["reverse", "forward"] = "reverse"
+    label_drop: float = Field(0.1, ge=0, le=1)
+    time_sampler: TimeParams = TimeParams()
+
+
+class SamplingParams(_Params):
+    method: Literal["euler", "heun"] = "heun"
+    nfes: list[int] = Field(default_factory=lambda: [8, 32], min_length=1)
+    cfg_scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="1.0 = no guidance")
+    num_samples: int | None = Field(None, ge=16, description="per setting; default: the dataset's size (images) or 10,000 (points)")
+    shard_size: int = Field(1024, ge=16)
+
+    @field_validator("nfes")
+    @classmethod
+    def _positive(cls, nfes: list[int]) -> list[int]:
+        bad = [n for n in nfes if n < 1]
+        if bad:
+            raise ValueError(f"sampling.nfes must be >= 1, got {bad}")
+        return nfes
+
+    @field_validator("cfg_scales")
+    @classmethod
+    def _non_negative(cls, scales: list[float]) -> list[float]:
+        if any(s < 0 for s in scales):
+            raise ValueError(f"sampling.cfg_scales must be >= 0, got {scales}")
+        return scales
+
+    @model_validator(mode="after")
+    def _heun_even(self) -> SamplingParams:
+        odd = [n for n in self.nfes if n % 2]
+        if self.method == "heun" and odd:
+            raise ValueError(f"heun needs even NFEs (2 evaluations per step), got {odd}")
+        return self
+
+
+class ComputeParams(_Params):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class PipelineParams(_Params):
+    """Everything a pipeline run needs. Storage credentials are NOT parameters: they come
+    from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."""
+
+    run_name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    storage_root: str = Field("outputs/runs", description="local folder or s3://bucket/prefix")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local SQLite store")
+    experiment: str = "cafm-pipeline"
+    registered_model: str = "cafm-generator"
+    seed: int = 0
+    eval_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    fm: FMParams = FMParams()
+    cafm: CAFMParams = CAFMParams()
+    sampling: SamplingParams = SamplingParams()
+    compute: ComputeParams = ComputeParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineParams:
+        if self.cafm.warmup_steps >= self.cafm.steps and self.cafm.enabled:
+            raise ValueError(f"cafm.warmup_steps ({self.cafm.warmup_steps}) must be < cafm.steps ({self.cafm.steps}), or no generator step runs")
+        for name, batch in (("fm", self.fm.batch_size), ("cafm", self.cafm.batch_size)):
+            if batch % self.compute.num_workers:
+                raise ValueError(f"{name}.batch_size {batch} must be divisible by compute.num_workers {self.compute.num_workers}")
+        return self
+
+
+def smoke_params(**overrides) -> PipelineParams:
+    """Same stages as the default, few steps: what the tests run (about 3 minutes)."""
+    base = PipelineParams(
+        run_name="smoke",
+        data=DataParams(feature_steps=60),
+        fm=FMParams(steps=120),
+        cafm=CAFMParams(steps=60, warmup_steps=20, discriminator_steps=4),
+        sampling=SamplingParams(nfes=[4, 8], num_samples=256),
+        compute=ComputeParams(checkpoint_every=40),
+    )
+    return base.model_copy(update=overrides) if overrides else base
+
+
+PROFILES = {"default": PipelineParams, "smoke": smoke_params}
