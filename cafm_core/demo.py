@@ -25,7 +25,16 @@ from cafm_core.checkpoint import save_model
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import BUILTIN_DATASETS, load_builtin
 from cafm_core.ema import EMA
-from cafm_core.evaluation import SamplerSetting, evaluate_generator, noise_floor, sample_for_evaluation
+from cafm_core.evaluation import (
+    IMAGE_METRICS,
+    POINT_METRICS,
+    SamplerSetting,
+    evaluate_generator,
+    format_table,
+    noise_floor,
+    sample_for_evaluation,
+    summarise_over_seeds,
+)
 from cafm_core.features import train_feature_network
 from cafm_core.logits import LOGIT_MODES
 from cafm_core.models import MLPConfig, build_generator, discriminator_from_generator, dit_config
@@ -57,20 +66,6 @@ def _progress(stage: str, total: int):
         print(f"  [{stage}] step {step + 1:>5}/{total} ({elapsed:5.0f}s)  {shown}", flush=True)
 
     return report
-
-
-def _format_table(rows: list[dict], floor: dict, image: bool) -> str:
-    keys = ["fd", "kid", "precision", "recall", "class_accuracy"] if image else [
-        "sliced_wasserstein", "on_manifold_fraction", "off_manifold_fraction", "modes_hit"]
-    keys = [k for k in keys if any(k in r for r in rows)]
-    lines = ["| model | sampler | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for row in rows:
-        cells = [f"{row[k]:.4g}" if k in row else "" for k in keys]
-        lines.append(f"| {row['model']} | {SamplerSetting(row['method'], row['nfe'], row['cfg_scale']).label} | " + " | ".join(cells) + " |")
-    for name, metrics in floor.items():
-        cells = [f"{metrics[k]:.4g}" if k in metrics else "" for k in keys]
-        lines.append(f"| real vs real ({name}) | noise floor | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def run_demo(
@@ -152,7 +147,8 @@ def run_demo(
         for row in evaluate_generator(model, dataset, settings, feature_net=feature_net, num_samples=eval_samples, seeds=(seed,), device=device):
             rows.append({"model": name, **row})
     floor = noise_floor(dataset, feature_net=feature_net, seed=seed)
-    table = _format_table(rows, floor, image)
+    keys = IMAGE_METRICS if image else POINT_METRICS
+    table = format_table(summarise_over_seeds(rows, keys), floor, keys)
 
     picture = output / "samples.png"
     last = settings[-1]

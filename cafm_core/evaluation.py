@@ -11,6 +11,7 @@ see the same initial noise and labels.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -192,3 +193,45 @@ def noise_floor(dataset: Dataset, *, feature_net: nn.Module | None = None, seed:
                 feats[reference], feats[other], kid_subset=min(1000, len(reference), len(other)), seed=seed
             )
     return result
+
+
+IMAGE_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy", "fid_inception")
+POINT_METRICS = ("sliced_wasserstein", "on_manifold_fraction", "off_manifold_fraction", "modes_hit")
+
+
+def summarise_over_seeds(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Mean and spread over seeds for each (model, setting) of ``rows`` (each with a ``model``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["method"], row["nfe"], row["cfg_scale"]), []).append(row)
+    summary = []
+    for (model, method, nfe, cfg), members in groups.items():
+        entry = {"model": model, "method": method, "nfe": nfe, "cfg_scale": cfg, "seeds": len(members)}
+        for key in keys:
+            values = [m[key] for m in members if key in m]
+            if values:
+                entry[key] = statistics.fmean(values)
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str:
+    """A markdown table: one row per (model, setting), mean ± std over seeds, then the noise floor."""
+    keys = tuple(k for k in keys if any(k in r for r in summary))
+    lines = ["| model | sampler | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
+    for row in summary:
+        cells = []
+        for key in keys:
+            if key not in row:
+                cells.append("")
+            elif row["seeds"] > 1:
+                cells.append(f"{row[key]:.4g} ± {row[f'{key}_std']:.2g}")
+            else:
+                cells.append(f"{row[key]:.4g}")
+        label = SamplerSetting(row["method"], row["nfe"], row["cfg_scale"]).label
+        lines.append(f"| {row['model']} | {label} | {row['seeds']} | " + " | ".join(cells) + " |")
+    for name, metrics in floor.items():
+        cells = [f"{metrics[k]:.4g}" if k in metrics else "" for k in keys]
+        lines.append(f"| real vs real ({name}) | noise floor | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

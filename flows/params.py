@@ -124,6 +124,7 @@ class PipelineParams(_Params):
     registered_model: str = "cafm-generator"
     seed: int = 0
     eval_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    inception_weights: str | None = Field(None, description="local TorchScript Inception-v3 file for standard FID (none can be downloaded)")
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     fm: FMParams = FMParams()

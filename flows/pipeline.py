@@ -21,6 +21,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from cafm_core.evaluation import SamplerSetting
+from cafm_core.features import load_inception_features
 from cafm_core.models import MLPConfig, dit_config
 from flows.params import PipelineParams
 from tasks.evaluate import evaluate_stage, headline
@@ -59,7 +60,7 @@ class Run:
         fm = _fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
         cafm = _fingerprint(fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint, p.cafm.model_dump())
         samples = _fingerprint(fm, cafm, p.sampling.model_dump(), p.eval_seeds)
-        evaluation = _fingerprint(samples, data)
+        evaluation = _fingerprint(samples, data, p.inception_weights)
         return {"data": data, "fm": fm, "cafm": cafm, "samples": samples, "eval": evaluation}[stage]
 
     def completed(self, stage: str) -> dict | None:
@@ -219,7 +220,8 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
     tracker = _tracker(params)
     with tracker.run("evaluate", params.sampling.model_dump(), parent_run_id=parent_run_id):
         result = evaluate_stage(run.store, data_url=run.require("data")["data_url"], sample_layout=layout,
-                                settings=_settings(params), seeds=params.eval_seeds, out_url=run.url("eval", "out"))
+                                settings=_settings(params), seeds=params.eval_seeds, out_url=run.url("eval", "out"),
+                                inception_weights=params.inception_weights)
         for row in result["summary"]:
             prefix = f"{row['model'].lower()}.nfe{row['nfe']}.cfg{row['cfg_scale']:g}."
             tracker.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")}, prefix=prefix)
@@ -253,6 +255,8 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
 
 def _check_early(params: PipelineParams) -> None:
     check_reachable(params.storage_root)
+    if params.inception_weights:
+        load_inception_features(params.inception_weights)  # a clear error now, not after training
     _tracker(params)  # raises TrackingError with the URI if the store is unusable
 
 

@@ -9,58 +9,24 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
 
 import torch
 
-from cafm_core.evaluation import SamplerSetting, evaluate_samples, noise_floor
-from cafm_core.features import extract_features
+from cafm_core.evaluation import (
+    IMAGE_METRICS,
+    POINT_METRICS,
+    SamplerSetting,
+    evaluate_samples,
+    format_table,
+    noise_floor,
+    summarise_over_seeds,
+)
+from cafm_core.features import extract_features, load_inception_features
+from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from tasks.prepare import load_feature_net, load_prepared
 from tasks.sampling import read_samples, setting_key
 from tasks.storage import Store
-
-IMAGE_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy")
-POINT_METRICS = ("sliced_wasserstein", "on_manifold_fraction", "off_manifold_fraction", "modes_hit")
-LOWER_IS_BETTER = {"fd", "kid", "sliced_wasserstein", "off_manifold_fraction"}
-
-
-def _summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Mean and spread over seeds for each (model, setting)."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["method"], row["nfe"], row["cfg_scale"]), []).append(row)
-    summary = []
-    for (model, method, nfe, cfg), members in groups.items():
-        entry = {"model": model, "method": method, "nfe": nfe, "cfg_scale": cfg, "seeds": len(members)}
-        for key in keys:
-            values = [m[key] for m in members if key in m]
-            if values:
-                entry[key] = statistics.fmean(values)
-                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
-    return summary
-
-
-def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str:
-    keys = tuple(k for k in keys if any(k in r for r in summary))
-    lines = ["| model | sampler | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
-    for row in summary:
-        cells = []
-        for key in keys:
-            if key not in row:
-                cells.append("")
-            elif row["seeds"] > 1:
-                cells.append(f"{row[key]:.4g} ± {row[f'{key}_std']:.2g}")
-            else:
-                cells.append(f"{row[key]:.4g}")
-        label = SamplerSetting(row["method"], row["nfe"], row["cfg_scale"]).label
-        lines.append(f"| {row['model']} | {label} | {row['seeds']} | " + " | ".join(cells) + " |")
-    for name, metrics in floor.items():
-        cells = [f"{metrics[k]:.4g}" if k in metrics else "" for k in keys]
-        lines.append(f"| real vs real ({name}) | noise floor | | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
 
 def evaluate_stage(
     store: Store,
@@ -70,14 +36,21 @@ def evaluate_stage(
     settings: list[SamplerSetting],
     seeds: list[int],
     out_url: str,
+    inception_weights: str | None = None,
 ) -> dict:
-    """Compute every row, write the report files; returns rows, summary, floor and the table."""
+    """Compute every row, write the report files; returns rows, summary, floor and the table.
+
+    With ``inception_weights`` (a local TorchScript Inception-v3 file) each image row also
+    gets ``fid_inception``, the standard FID feature space.
+    """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dataset, manifest = load_prepared(store, data_url)
     image = dataset.kind == "image"
     feature_net = load_feature_net(store, data_url) if image and dataset.labels is not None else None
     features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
     real_features = features(dataset.data) if features is not None else None
+    inception = load_inception_features(inception_weights) if inception_weights and image else None
+    real_inception = inception(dataset.data) if inception is not None else None
     models = sorted({key.split("/")[0] for key in sample_layout}, key=lambda m: (m != "fm", m))
 
     rows = []
@@ -87,9 +60,11 @@ def evaluate_stage(
                 samples, labels = read_samples(store, sample_layout[f"{model}/{setting_key(setting)}/seed{seed}"])
                 metrics = evaluate_samples(samples, dataset, features=features, classifier=feature_net,
                                            labels=labels, real_features=real_features, seed=seed)
+                if inception is not None:
+                    metrics["fid_inception"] = frechet_distance_from_features(real_inception, inception(samples))
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **metrics})
     keys = IMAGE_METRICS if image else POINT_METRICS
-    summary = _summarise(rows, keys)
+    summary = summarise_over_seeds(rows, keys)
     floor = noise_floor(dataset, feature_net=feature_net, seed=seeds[0])
     table = format_table(summary, floor, keys)
 

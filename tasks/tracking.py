@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,5 +145,6 @@ def default_tracking_uri(root: str) -> str:
     """A local SQLite store beside the outputs when no server is configured."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    base = Path(root if "://" not in root else tempfile.gettempdir()).expanduser().resolve()
+    # beside local outputs; for remote storage, in ./outputs of the machine running the flow
+    base = Path(root if "://" not in root else "outputs").expanduser().resolve()
     return f"sqlite:///{base / 'mlflow.db'}"

@@ -144,3 +144,18 @@ def test_metrics_reject_bad_inputs():
         sliced_wasserstein(real, real, num_projections=0)
     with pytest.raises(CAFMInputError, match="synthetic"):
         mode_coverage("digits", real)
+
+
+def test_summary_over_seeds_reports_mean_and_spread_and_table_has_floor():
+    from cafm_core.evaluation import format_table, summarise_over_seeds
+
+    rows = [
+        {"model": "FM", "method": "heun", "nfe": 8, "cfg_scale": 1.0, "seed": s, "fd": v}
+        for s, v in enumerate([1.0, 2.0, 3.0])
+    ]
+    (summary,) = summarise_over_seeds(rows, ("fd",))
+    assert summary["seeds"] == 3 and summary["fd"] == 2.0 and summary["fd_std"] == 1.0
+    table = format_table([summary], {"halves": {"fd": 0.5}}, ("fd", "kid"))
+    assert "| FM | heun NFE 8, no CFG | 3 | 2 ± 1 |" in table
+    assert "| real vs real (halves) | noise floor | | 0.5 |" in table
+    assert "kid" not in table  # columns no row has are dropped

@@ -1,0 +1,75 @@
+"""Pipeline parameters are validated before any compute, with the field named."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from flows.cli import build_params, main
+from flows.params import PipelineParams, smoke_params
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampling.nfes=[7]"], "heun needs even NFEs"),
+        (["sampling.nfes=[0]"], "sampling.nfes must be >= 1"),
+        (["cafm.discriminator_steps=0"], "discriminator_steps"),
+        (["cafm.warmup_steps=5000"], "cafm.warmup_steps \\(5000\\) must be < cafm.steps"),
+        (["fm.batch_size=129"], "fm.batch_size 129 must be divisible by compute.num_workers 2"),
+        (["data.source=/no/such/folder"], "set data.resolution and data.channels"),
+        (["model.preset=huge"], "preset"),
+        (["fm.stepz=3"], "stepz"),
+        (["run_name=../escape"], "run_name"),
+        (["sampling.method=rk4"], "method"),
+    ],
+)
+def test_bad_parameters_are_rejected_naming_the_field(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        build_params("default", None, overrides)
+
+
+def test_overrides_and_params_file_merge_over_the_profile(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"fm": {"lr": 0.002}, "sampling": {"nfes": [4]}}))
+    params = build_params("smoke", str(path), ["fm.steps=77", "storage_root=s3://bucket/runs"])
+    assert params.fm.steps == 77 and params.fm.lr == 0.002 and params.sampling.nfes == [4]
+    assert params.storage_root == "s3://bucket/runs"
+    assert params.cafm.steps == smoke_params().cafm.steps
+
+
+def test_cli_reports_invalid_parameters_without_running(capsys):
+    assert main(["run", "--set", "sampling.nfes=[3]"]) == 2
+    assert "heun needs even NFEs" in capsys.readouterr().err
+
+
+def test_cli_prints_parameters_as_json(capsys):
+    assert main(["params", "--profile", "smoke"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert PipelineParams.model_validate(printed) == smoke_params()
+
+
+def test_defaults_are_the_documented_main_job():
+    params = PipelineParams()
+    assert (params.data.source, params.model.preset, params.fm.steps, params.cafm.steps) == ("digits", "tiny", 2000, 1000)
+    assert params.sampling.nfes == [8, 32] and params.sampling.cfg_scales == [1.0]
+
+
+def test_missing_inception_weights_fail_before_any_stage(tmp_path):
+    from cafm_core.checks import CAFMInputError
+    from flows.pipeline import _check_early
+
+    params = smoke_params(storage_root=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                          inception_weights=str(tmp_path / "inception.pt"))
+    with pytest.raises(CAFMInputError, match="inception.pt' is not an existing file"):
+        _check_early(params)
+    assert not (tmp_path / "runs" / "smoke").exists()
+
+
+def test_unreachable_mlflow_server_fails_early(tmp_path):
+    from flows.pipeline import _check_early
+    from tasks.tracking import TrackingError
+
+    params = smoke_params(storage_root=str(tmp_path / "runs"), tracking_uri="http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match="MLflow tracking server http://127.0.0.1:9 is unreachable"):
+        _check_early(params)
