@@ -167,13 +167,24 @@ def evaluate_generator(
     return rows
 
 
-def noise_floor(dataset: Dataset, *, feature_net: nn.Module | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+def noise_floor(
+    dataset: Dataset,
+    *,
+    feature_net: nn.Module | None = None,
+    real_features: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """The same metrics between real data and real data, as a floor for reading differences.
 
     ``halves``: two disjoint random halves of the data against each other (the sample-size
     bias a generator evaluated on n/2 samples would also carry). ``bootstrap``: a resample
-    with replacement against the full set.
+    with replacement against the full set. Image data needs ``real_features`` (the
+    dataset's features, when the caller already has them) or ``feature_net``.
     """
+    if dataset.kind == "image" and real_features is None:
+        if feature_net is None:
+            raise CAFMInputError("the image noise floor needs the feature network")
+        real_features = extract_features(feature_net, dataset.data)
     generator = torch.Generator().manual_seed(seed)
     n = dataset.data.shape[0]
     order = torch.randperm(n, generator=generator)
@@ -186,11 +197,9 @@ def noise_floor(dataset: Dataset, *, feature_net: nn.Module | None = None, seed:
             sub = Dataset(dataset.data[reference], None, 0, "points", name=dataset.name)
             result[name] = evaluate_samples(dataset.data[other], sub, seed=seed)
         else:
-            if feature_net is None:
-                raise CAFMInputError("the image noise floor needs the feature network")
-            feats = extract_features(feature_net, dataset.data)
             result[name] = _image_metrics(
-                feats[reference], feats[other], kid_subset=min(1000, len(reference), len(other)), seed=seed
+                real_features[reference], real_features[other],
+                kid_subset=min(1000, len(reference), len(other)), seed=seed,
             )
     return result
 

@@ -42,8 +42,9 @@ def labelled_grids(grids: Sequence[tuple[str, Image.Image]]) -> Image.Image:
     return canvas
 
 
-def scatter_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str, *, limit: float = 3.0) -> None:
-    """Side-by-side scatter plots of 2-D (or 1-D, as histograms) point sets, saved to ``path``."""
+def scatter_panels(panels: Sequence[tuple[str, torch.Tensor]], destination, *, limit: float = 3.0) -> None:
+    """Side-by-side scatter plots of 2-D (or 1-D, as histograms) point sets, saved as PNG to
+    ``destination`` (a path or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,5 +62,5 @@ def scatter_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str, *, lim
             ax.set_aspect("equal")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(destination, dpi=110, format="png")
     plt.close(fig)

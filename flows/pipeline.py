@@ -10,12 +10,14 @@ Each stage is also a flow of its own, usable alone (it finds its inputs in stora
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
@@ -227,9 +229,6 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
             tracker.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")}, prefix=prefix)
         tracker.log_text(result["report"], "report.md")
         tracker.log_dict({k: v for k, v in result.items() if k not in ("picture_png", "report")}, "metrics.json")
-        from PIL import Image
-        import io
-
         tracker.log_image(Image.open(io.BytesIO(result["picture_png"])), "samples.png")
         registered = None
         if params.cafm.enabled:

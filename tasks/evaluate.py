@@ -43,7 +43,6 @@ def evaluate_stage(
     With ``inception_weights`` (a local TorchScript Inception-v3 file) each image row also
     gets ``fid_inception``, the standard FID feature space.
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     dataset, manifest = load_prepared(store, data_url)
     image = dataset.kind == "image"
     feature_net = load_feature_net(store, data_url) if image and dataset.labels is not None else None
@@ -53,11 +52,15 @@ def evaluate_stage(
     real_inception = inception(dataset.data) if inception is not None else None
     models = sorted({key.split("/")[0] for key in sample_layout}, key=lambda m: (m != "fm", m))
 
+    last = settings[-1]
+    pictured: dict[str, torch.Tensor] = {}  # each model at the last setting, first seed
     rows = []
     for model in models:
         for setting in settings:
             for seed in seeds:
                 samples, labels = read_samples(store, sample_layout[f"{model}/{setting_key(setting)}/seed{seed}"])
+                if setting == last and seed == seeds[0]:
+                    pictured[model] = samples[:5000]
                 metrics = evaluate_samples(samples, dataset, features=features, classifier=feature_net,
                                            labels=labels, real_features=real_features, seed=seed)
                 if inception is not None:
@@ -65,29 +68,18 @@ def evaluate_stage(
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **metrics})
     keys = IMAGE_METRICS if image else POINT_METRICS
     summary = summarise_over_seeds(rows, keys)
-    floor = noise_floor(dataset, feature_net=feature_net, seed=seeds[0])
+    floor = noise_floor(dataset, feature_net=feature_net, real_features=real_features, seed=seeds[0])
     table = format_table(summary, floor, keys)
 
     # Picture: each model at the last setting (largest NFE listed), first seed, beside real data.
-    last = settings[-1]
     picture = io.BytesIO()
     if image:
-        grids = []
-        for model in models:
-            samples, _ = read_samples(store, sample_layout[f"{model}/{setting_key(last)}/seed{seeds[0]}"])
-            grids.append((f"{model.upper()}, {last.label}", image_grid(samples[:50], columns=10, scale=4)))
+        grids = [(f"{m.upper()}, {last.label}", image_grid(pictured[m][:50], columns=10, scale=4)) for m in models]
         grids.append(("real", image_grid(dataset.data[:50], columns=10, scale=4)))
         labelled_grids(grids).save(picture, format="PNG")
     else:
-        import tempfile
-
-        panels = [("real", dataset.data[:5000])]
-        for model in models:
-            samples, _ = read_samples(store, sample_layout[f"{model}/{setting_key(last)}/seed{seeds[0]}"])
-            panels.append((f"{model.upper()}, {last.label}", samples[:5000]))
-        with tempfile.NamedTemporaryFile(suffix=".png") as handle:
-            scatter_panels(panels, handle.name)
-            picture.write(open(handle.name, "rb").read())
+        panels = [("real", dataset.data[:5000])] + [(f"{m.upper()}, {last.label}", pictured[m]) for m in models]
+        scatter_panels(panels, picture)
 
     report = (
         f"# FM vs CAFM on {manifest['name']}\n\n{table}\n\n"
