@@ -233,6 +233,30 @@ def generator_step(
     }
 
 
+def cafm_step(
+    step: int,
+    generator_model: nn.Module,
+    discriminator_logits: nn.Module,
+    g_optimizer: torch.optim.Optimizer,
+    d_optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    config: CAFMConfig,
+    *,
+    ema: EMA | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Optimisation step ``step`` of CAFM: a G step (then the EMA update) or a D step, as the
+    schedule says. ``discriminator_logits`` is a ``DiscriminatorLogits`` (or DDP around one);
+    the G step uses the discriminator inside it, unwrapped and frozen."""
+    if config.is_generator_step(step):
+        discriminator = _unwrap(discriminator_logits).discriminator
+        metrics = generator_step(generator_model, discriminator, g_optimizer, batch, config, generator=generator)
+        if ema is not None:
+            ema.update(_unwrap(generator_model))
+        return metrics
+    return discriminator_step(generator_model, discriminator_logits, d_optimizer, batch, config, generator=generator)
+
+
 def infinite_batches(
     data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, *, seed: int = 0
 ) -> Iterator[Batch]:
@@ -315,12 +339,7 @@ def train_cafm(
     for step in range(config.steps):
         x0, labels = next(batches)
         batch = (x0.to(device), None if labels is None else labels.to(device))
-        if config.is_generator_step(step):
-            metrics = generator_step(generator_model, discriminator, g_optimizer, batch, config, generator=rng)
-            if ema is not None:
-                ema.update(generator_model)
-        else:
-            metrics = discriminator_step(generator_model, d_logits, d_optimizer, batch, config, generator=rng)
+        metrics = cafm_step(step, generator_model, d_logits, g_optimizer, d_optimizer, batch, config, ema=ema, generator=rng)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"CAFM step {step}: non-finite {bad}: {metrics}")

@@ -11,8 +11,8 @@ Public entry points (plain Python; the Prefect flow wraps them):
 Both stages share one per-worker skeleton (:func:`_train_worker`): data shard iteration,
 Accelerate setup, restore, the step loop, EMA, metric reports and checkpoints. What differs
 (which networks, which ``cafm_core.training`` step function) lives in a small stage class.
-The losses and steps are ``cafm_core``'s own (``flow_matching_step``, ``discriminator_step``,
-``generator_step``); nothing of the method is re-implemented here. Every input is checked
+The losses and steps are ``cafm_core``'s own (``flow_matching_step``, ``cafm_step``, which
+picks ``discriminator_step`` or ``generator_step`` by the schedule); nothing of the method is re-implemented here. Every input is checked
 before Ray starts (shards' schema, row counts and label range from Parquet metadata,
 configs, the init checkpoint, an existing run directory).
 
@@ -121,9 +121,8 @@ from cafm_core.training import (
     CAFMConfig,
     FlowMatchingConfig,
     adam,
-    discriminator_step,
+    cafm_step,
     flow_matching_step,
-    generator_step,
 )
 
 __all__ = [
@@ -547,17 +546,12 @@ class _CAFMStage(_Stage):
         self.latest: dict[str, float] = {}
 
     def step(self, index: int, batch, rng: torch.Generator) -> dict[str, float]:
-        cfg = self.config
-        if cfg.is_generator_step(index):
-            metrics = generator_step(
-                self.generator_ddp, self.discriminator, self.optimizers["generator"], batch, cfg, generator=rng
-            )
-            self.ema.update(self.generator)
+        metrics = cafm_step(
+            index, self.generator_ddp, self.d_logits_ddp, self.optimizers["generator"],
+            self.optimizers["discriminator"], batch, self.config, ema=self.ema, generator=rng,
+        )
+        if self.config.is_generator_step(index):
             metrics["g_steps"] = float(self.ema.num_updates)
-        else:
-            metrics = discriminator_step(
-                self.generator_ddp, self.d_logits_ddp, self.optimizers["discriminator"], batch, cfg, generator=rng
-            )
         self.latest.update(metrics)
         return dict(self.latest)
 
