@@ -382,6 +382,24 @@ def load_state_dict_checked(
         raise CAFMInputError(f"loading left keys unset: {left[:_MAX_LISTED]}, unexpected: {result.unexpected_keys[:_MAX_LISTED]}")
 
 
+def model_to_tensors(
+    model: nn.Module,
+    *,
+    ema_shadow: Mapping[str, Tensor] | None = None,
+    metadata: dict | None = None,
+) -> tuple[dict[str, Tensor], dict, dict]:
+    """``(tensors, config, metadata)`` of a generator or discriminator (``model.config`` must
+    exist) and optionally its EMA: what :func:`save_model` writes, for other storage."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise CAFMInputError(f"{type(model).__name__} has no .config with to_dict(); cannot save it rebuildably")
+    state = {"model": model.state_dict()}
+    if ema_shadow is not None:
+        state["ema"] = dict(ema_shadow)
+    meta = {"class": type(model).__name__, **(metadata or {})}
+    return flatten_state_dicts(state), config.to_dict(), meta
+
+
 def save_model(
     directory: str | os.PathLike,
     model: nn.Module,
@@ -390,14 +408,7 @@ def save_model(
     metadata: dict | None = None,
 ) -> Path:
     """Save a generator or discriminator (``model.config`` must exist) and optionally its EMA."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise CAFMInputError(f"{type(model).__name__} has no .config with to_dict(); cannot save it rebuildably")
-    state = {"model": model.state_dict()}
-    if ema_shadow is not None:
-        state["ema"] = dict(ema_shadow)
-    meta = {"class": type(model).__name__, **(metadata or {})}
-    return save_checkpoint(directory, flatten_state_dicts(state), config.to_dict(), meta)
+    return save_checkpoint(directory, *model_to_tensors(model, ema_shadow=ema_shadow, metadata=metadata))
 
 
 def model_from_checkpoint(

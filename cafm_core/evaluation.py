@@ -11,6 +11,7 @@ see the same initial noise and labels.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from torch import nn
 
 from cafm_core.checks import CAFMInputError, check_choice, check_positive
 from cafm_core.data import SYNTHETIC_DATASETS, Dataset
+from cafm_core.ema import EMA
 from cafm_core.features import class_accuracy, extract_features
 from cafm_core.metrics import (
     frechet_distance_from_features,
@@ -202,6 +204,59 @@ def noise_floor(
                 kid_subset=min(1000, len(reference), len(other)), seed=seed,
             )
     return result
+
+
+class TrainingCurve:
+    """A diagnostic curve: the metric of a generator and of its EMA at points during training.
+
+    Every call draws the same noise and labels (``seed``), so successive points differ only
+    by the weights. The metric is the in-domain Fréchet distance for images (``fd``) and the
+    sliced Wasserstein distance for points; ``num_samples`` is kept small (a few hundred) so
+    that a point costs seconds. Its values carry the small-sample bias of that count: compare
+    points of one curve with each other, not with the final evaluation's numbers.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        setting: SamplerSetting,
+        *,
+        feature_net: nn.Module | None = None,
+        num_samples: int = 512,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(num_samples, int) or num_samples < 16:
+            raise CAFMInputError(f"curve num_samples must be an int >= 16, got {num_samples!r}")
+        if dataset.kind == "image" and feature_net is None:
+            raise CAFMInputError("an image training curve needs the feature network")
+        self.dataset, self.setting, self.num_samples, self.seed, self.device = dataset, setting, num_samples, seed, device
+        self.metric = "fd" if dataset.kind == "image" else "sliced_wasserstein"
+        self._features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
+        self._real = self._features(dataset.data) if self._features is not None and dataset.kind == "image" else None
+        self._ema_model: nn.Module | None = None
+
+    def _value(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            samples, _ = sample_for_evaluation(
+                model, self.dataset, self.setting, num_samples=self.num_samples, seed=self.seed, device=self.device
+            )
+        finally:
+            model.train(was_training)
+        metrics = evaluate_samples(samples, self.dataset, features=self._features, real_features=self._real, seed=self.seed)
+        return float(metrics[self.metric])
+
+    def __call__(self, model: nn.Module, ema: EMA | None = None) -> dict[str, float]:
+        """``{"<metric>_model": ..., "<metric>_ema": ...}`` (the second only with ``ema``)."""
+        point = {f"{self.metric}_model": self._value(model)}
+        if ema is not None:
+            if self._ema_model is None:
+                self._ema_model = copy.deepcopy(model)
+            ema.copy_to(self._ema_model)
+            point[f"{self.metric}_ema"] = self._value(self._ema_model)
+        return point
 
 
 IMAGE_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy", "fid_inception")

@@ -64,3 +64,35 @@ def scatter_panels(panels: Sequence[tuple[str, torch.Tensor]], destination, *, l
     fig.tight_layout()
     fig.savefig(destination, dpi=110, format="png")
     plt.close(fig)
+
+
+def line_panels(
+    panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+    destination,
+    *,
+    xlabel: str = "step",
+    references: Sequence[dict[str, float]] | None = None,
+) -> None:
+    """Side-by-side line plots (one panel per ``(title, {label: (xs, ys)})``), saved as PNG to
+    ``destination``. ``references[i]`` draws horizontal lines ``{label: y}`` on panel ``i``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise CAFMInputError("line_panels needs at least one panel")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for index, (ax, (title, lines)) in enumerate(zip(axes[0], panels)):
+        for label, (xs, ys) in lines.items():
+            ax.plot(list(xs), list(ys), label=label, linewidth=1.2, linestyle="--" if label.endswith("(raw)") else "-")
+        for label, y in ((references or [{}] * len(panels))[index] or {}).items():
+            ax.axhline(y, color="black", linewidth=0.8, linestyle=":", label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(destination, dpi=110, format="png")
+    plt.close(fig)

@@ -4,6 +4,7 @@
     cafm-pipeline run --profile smoke              # same stages, few steps
     cafm-pipeline run --set fm.steps=500 --set storage_root=s3://bucket/runs
     cafm-pipeline run --params my_params.json --stage evaluate
+    cafm-pipeline sweep --set space.generator_lr=[1e-5,3e-5]   # CAFM sweep on Ray Tune
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from pydantic import ValidationError
 
-from flows.params import PROFILES
+from flows.params import PROFILES, SWEEP_PROFILES
 
 
 def _parse_value(text: str):
@@ -25,9 +26,10 @@ def _parse_value(text: str):
         return text
 
 
-def build_params(profile: str, params_file: str | None, overrides: list[str]):
-    """Profile defaults, then a JSON file, then ``--set a.b=value`` overrides; validated once."""
-    data = PROFILES[profile]().model_dump()
+def build_params(profile: str, params_file: str | None, overrides: list[str], *, sweep: bool = False):
+    """Profile defaults, then a JSON file, then ``--set a.b=value`` overrides; validated once.
+    ``sweep``: SweepParams (keys like ``space.generator_lr``, ``pipeline.cafm.steps``)."""
+    data = (SWEEP_PROFILES if sweep else PROFILES)[profile]().model_dump()
     if params_file:
         with open(params_file) as handle:
             _merge(data, json.load(handle))
@@ -42,9 +44,9 @@ def build_params(profile: str, params_file: str | None, overrides: list[str]):
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = _parse_value(value)
         _merge(data, patch)
-    from flows.params import PipelineParams
+    from flows.params import PipelineParams, SweepParams
 
-    return PipelineParams.model_validate(data)
+    return (SweepParams if sweep else PipelineParams).model_validate(data)
 
 
 def _merge(base: dict, patch: dict) -> None:
@@ -63,14 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--params", help="JSON file with parameters (merged over the profile)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter, e.g. fm.steps=500")
     run.add_argument("--stage", choices=["all", "prepare", "pretrain", "posttrain", "sample", "evaluate"], default="all")
+    sweep = sub.add_parser("sweep", help="CAFM sweep over a grid of settings (Ray Tune), from one FM generator")
+    sweep.add_argument("--profile", choices=sorted(SWEEP_PROFILES), default="default")
+    sweep.add_argument("--params", help="JSON file with sweep parameters (merged over the profile)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="e.g. space.generator_lr=[1e-5,3e-5] or pipeline.cafm.steps=600")
     show = sub.add_parser("params", help="print the parameters a run would use, as JSON")
     show.add_argument("--profile", choices=sorted(PROFILES), default="default")
     show.add_argument("--params")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--sweep", action="store_true", help="the parameters of a sweep instead")
     args = parser.parse_args(argv)
 
     try:
-        params = build_params(args.profile, args.params, args.set)
+        params = build_params(args.profile, args.params, args.set,
+                              sweep=args.command == "sweep" or getattr(args, "sweep", False))
     except ValidationError as exc:
         print(f"error: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -83,14 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.storage import StorageError
     from tasks.tracking import TrackingError
 
-    chosen = {
-        "all": pipeline_module.pipeline,
-        "prepare": pipeline_module.prepare_flow,
-        "pretrain": pipeline_module.pretrain_flow,
-        "posttrain": pipeline_module.posttrain_flow,
-        "sample": pipeline_module.sample_flow,
-        "evaluate": pipeline_module.evaluate_flow,
-    }[args.stage]
+    if args.command == "sweep":
+        from flows.sweep import sweep_flow
+
+        chosen = sweep_flow
+    else:
+        chosen = {
+            "all": pipeline_module.pipeline,
+            "prepare": pipeline_module.prepare_flow,
+            "pretrain": pipeline_module.pretrain_flow,
+            "posttrain": pipeline_module.posttrain_flow,
+            "sample": pipeline_module.sample_flow,
+            "evaluate": pipeline_module.evaluate_flow,
+        }[args.stage]
     try:
         chosen(params)
     except (StorageError, TrackingError, pipeline_module.StageMismatch, ValueError) as exc:

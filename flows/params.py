@@ -4,6 +4,7 @@ renders them as a form. Two embedded profiles: ``default`` (the main job) and ``
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -107,7 +108,8 @@ class SamplingParams(_Params):
 
 
 class ComputeParams(_Params):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP when > 1)")
+    cpus_per_worker: int | None = Field(None, ge=1, description="CPUs (torch threads) per worker; default: local cores / workers, 1 on a cluster")
     use_gpu: bool = False
     mixed_precision: Literal["no", "bf16"] = "no"
     checkpoint_every: int = Field(500, ge=1)
@@ -150,9 +152,86 @@ def smoke_params(**overrides) -> PipelineParams:
         fm=FMParams(steps=120),
         cafm=CAFMParams(steps=60, warmup_steps=20, discriminator_steps=4),
         sampling=SamplingParams(nfes=[4, 8], num_samples=256),
-        compute=ComputeParams(checkpoint_every=40),
+        compute=ComputeParams(num_workers=2, checkpoint_every=40),  # exercises DDP
     )
     return base.model_copy(update=overrides) if overrides else base
 
 
 PROFILES = {"default": PipelineParams, "smoke": smoke_params}
+
+
+_SWEEP_EXCLUDED = {"enabled", "init_checkpoint"}
+
+
+def _sweepable_keys() -> set[str]:
+    keys = {name for name in CAFMParams.model_fields if name not in _SWEEP_EXCLUDED | {"time_sampler"}}
+    return keys | {f"time_sampler.{name}" for name in TimeParams.model_fields}
+
+
+class SweepParams(_Params):
+    """A CAFM sweep: every point of ``space`` (a grid) post-trains the same FM generator.
+
+    ``pipeline`` gives the data, model, FM stage, storage, tracking, sampler settings and
+    evaluation seeds (its ``cafm`` section is each trial's base); ``space`` maps a ``cafm``
+    field (``time_sampler.kind`` for the time sampler) to the values to try."""
+
+    pipeline: PipelineParams = PipelineParams()
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    space: dict[str, list[float | int | str]] = Field(
+        default_factory=lambda: {"generator_lr": [1e-5, 3e-5], "discriminator_steps": [4, 8]},
+        description="cafm field -> values; every combination is one trial",
+    )
+    curve_every: int = Field(100, ge=1, description="steps between diagnostic curve points")
+    curve_samples: int = Field(512, ge=16, description="samples per curve point (same noise every time)")
+    curve_nfe: int = Field(8, ge=1, description="sampler NFE of the curve points (method: pipeline.sampling.method)")
+    cpus_per_trial: int = Field(1, ge=1, description="CPUs (torch threads) per trial; trials run side by side")
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> SweepParams:
+        unknown = sorted(set(self.space) - _sweepable_keys())
+        if unknown:
+            raise ValueError(f"sweep space keys {unknown} are not cafm fields; expected some of {sorted(_sweepable_keys())}")
+        empty = sorted(k for k, v in self.space.items() if not v)
+        if empty:
+            raise ValueError(f"sweep space {empty} list no values")
+        if self.pipeline.sampling.method == "heun" and self.curve_nfe % 2:
+            raise ValueError(f"curve_nfe must be even for heun, got {self.curve_nfe}")
+        for point in self.points():
+            self.cafm_for(point)  # each point must make valid cafm parameters
+        return self
+
+    def points(self) -> list[dict]:
+        """Every combination of the listed values, in a stable order (last key fastest)."""
+        keys = list(self.space)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.space[k] for k in keys))]
+
+    def cafm_for(self, point: dict) -> CAFMParams:
+        data = self.pipeline.cafm.model_dump()
+        for key, value in point.items():
+            if key.startswith("time_sampler."):
+                data["time_sampler"][key.split(".", 1)[1]] = value
+            else:
+                data[key] = value
+        try:
+            cafm = CAFMParams.model_validate(data)
+        except ValueError as exc:
+            raise ValueError(f"sweep point {point}: {exc}") from None
+        if cafm.warmup_steps >= cafm.steps:
+            raise ValueError(f"sweep point {point}: warmup_steps {cafm.warmup_steps} >= steps {cafm.steps}: no generator step")
+        return cafm
+
+
+def smoke_sweep_params(**overrides) -> SweepParams:
+    """A sweep small enough for tests: 2 trials of the smoke pipeline's CAFM."""
+    base = SweepParams(
+        pipeline=smoke_params(run_name="smoke-sweep"),
+        name="smoke",
+        space={"generator_lr": [1e-5, 1e-4]},
+        curve_every=20,
+        curve_samples=128,
+        curve_nfe=4,
+    )
+    return base.model_copy(update=overrides) if overrides else base
+
+
+SWEEP_PROFILES = {"default": SweepParams, "smoke": smoke_sweep_params}

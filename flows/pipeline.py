@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from tasks.prepare import shard_urls as prepared_shard_urls
 from tasks.sampling import generate_sample_shards
 from tasks.storage import Store, check_reachable
 from tasks.tracking import Tracker, default_tracking_uri
-from tasks.train import ensure_ray, run_cafm, run_flow_matching
+from tasks.train import run_cafm, run_flow_matching, start_cluster, worker_cpus
 
 STAGES = ("data", "fm", "cafm", "samples", "eval")
 
@@ -91,8 +90,8 @@ class Run:
 
 
 def _ray(params: PipelineParams) -> None:
-    """Local Ray needs one CPU beyond the training workers for Ray Data's read tasks."""
-    ensure_ray(num_cpus=max(os.cpu_count() or 1, params.compute.num_workers + 1))
+    compute = params.compute
+    start_cluster(compute.num_workers, worker_cpus(compute.num_workers, compute.cpus_per_worker), compute.use_gpu)
 
 
 def _tracker(params: PipelineParams) -> Tracker:
@@ -108,6 +107,18 @@ def _model_config(params: PipelineParams, manifest: dict) -> dict:
                           prediction=params.model.prediction, time_scale=params.model.time_scale).to_dict()
     return MLPConfig(data_dim=shape[0], hidden_size=params.model.mlp_hidden, depth=params.model.mlp_depth,
                      num_classes=0, prediction=params.model.prediction).to_dict()
+
+
+def sample_labels(class_counts: list[int], count: int) -> list[int]:
+    """``count`` conditioning labels in the data's class proportions (largest remainder),
+    classes interleaved so that any prefix is mixed; from the manifest's counts alone."""
+    total = sum(class_counts)
+    quotas = [count * n // total for n in class_counts]
+    by_remainder = sorted(range(len(class_counts)), key=lambda c: (-(count * class_counts[c] % total), c))
+    for c in by_remainder[: count - sum(quotas)]:
+        quotas[c] += 1
+    order = sorted((j / q, c) for c, q in enumerate(quotas) for j in range(q))
+    return [c for _, c in order]
 
 
 def _settings(params: PipelineParams) -> list[SamplerSetting]:
@@ -145,7 +156,7 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
     compute = params.compute
     common = dict(shard_urls=shard_urls, sample_shape=tuple(manifest["sample_shape"]),
                   num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
-                  num_workers=compute.num_workers, use_gpu=compute.use_gpu,
+                  num_workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
                   mixed_precision=compute.mixed_precision, checkpoint_every=compute.checkpoint_every,
                   storage_path=run.url("ray"), run_name=f"{params.run_name}-{stage}")
     tracker = _tracker(params)
@@ -195,11 +206,8 @@ def sample_task(params: PipelineParams, parent_run_id: str | None = None) -> dic
         models["cafm"] = run.require("cafm")["model_url"]
     count = params.sampling.num_samples or (manifest["count"] if manifest["kind"] == "image" else 10000)
     labels = None
-    if manifest["kind"] == "image" and manifest["num_classes"] > 0:
-        from tasks.prepare import load_prepared
-
-        dataset, _ = load_prepared(run.store, run.require("data")["data_url"])
-        labels = [int(dataset.labels[i % len(dataset.labels)]) for i in range(count)]
+    if manifest["kind"] == "image" and manifest["num_classes"] > 0 and manifest.get("class_counts"):
+        labels = sample_labels(manifest["class_counts"], count)
     _ray(params)
     start = time.perf_counter()
     layout = generate_sample_shards(run.store, models=models, out_url=run.url("samples", "out"),

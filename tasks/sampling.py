@@ -8,12 +8,14 @@ safetensors object. Shards are deterministic, so a rerun reproduces them exactly
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 
 import ray
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+from tqdm.auto import tqdm
 
 from cafm_core.checkpoint import model_from_checkpoint
 from cafm_core.evaluation import SamplerSetting
@@ -111,8 +113,22 @@ def generate_sample_shards(
                             store.root, spec, shard_labels, "cuda" if use_gpu else "cpu"
                         )
                     )
-    ray.get(jobs)
+    _wait_with_progress(jobs, "sampling shards")
     return layout
+
+
+def _wait_with_progress(jobs: list, description: str) -> None:
+    """``ray.get`` on every job, drawing a bar when stderr is a terminal; the first
+    failure is raised."""
+    bar = tqdm(total=len(jobs), desc=description, unit="shard", disable=not sys.stderr.isatty())
+    pending = list(jobs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            bar.update(len(done))
+    finally:
+        bar.close()
 
 
 def read_samples(store: Store, shard_urls: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,174 @@
+"""The CAFM sweep as a Prefect flow: one FM generator, many CAFM settings, one table.
+
+    cafm-pipeline sweep                                   # default grid on digits
+    cafm-pipeline sweep --set space.generator_lr=[1e-5,3e-5,1e-4] --set pipeline.cafm.steps=600
+
+Reuses the pipeline's prepare and FM stages (skipped when complete), then runs every
+point of the grid as a Ray Tune trial (``tasks.sweep``). Results: an MLflow parent run
+``sweep-<name>`` with one child run per trial (its point, the training series and the
+diagnostic curve as metric series, the final metrics per sampler setting), a markdown
+table (FM, every trial, the noise floor; mean ± std over the evaluation seeds) and a
+picture of the curves, as Prefect artifacts and under ``<run>/sweep/<name>/`` on storage.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from pathlib import Path
+
+from PIL import Image
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from cafm_core.evaluation import SamplerSetting, format_table, noise_floor
+from cafm_core.features import extract_features
+from cafm_core.plots import line_panels
+from flows.params import SweepParams
+from flows.pipeline import Run, StageMismatch, _check_early, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
+from tasks.prepare import load_feature_net, load_prepared
+from tasks.storage import Store
+from tasks.sweep import run_sweep, summary_rows, trial_name
+
+
+def _trial_specs(params: SweepParams) -> list[dict]:
+    specs = []
+    for index, point in enumerate(params.points()):
+        cafm = params.cafm_for(point)
+        config = {**cafm.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint"}),
+                  "time_sampler": cafm.time_sampler.model_dump(), "seed": params.pipeline.seed}
+        specs.append({"name": trial_name(index, point), "point": point, "config": config})
+    return specs
+
+
+def rank_trials(summary: list[dict], metric: str) -> list[tuple[str, float]]:
+    """Models (FM and trials) by their metric averaged over the guidance-free settings, best first."""
+    by_model: dict[str, list[float]] = {}
+    for row in summary:
+        if row["cfg_scale"] == 1.0 and metric in row:
+            by_model.setdefault(row["model"], []).append(row[metric])
+    return sorted(((m, statistics.fmean(v)) for m, v in by_model.items()), key=lambda item: item[1])
+
+
+def _curves_picture(result: dict, metric: str) -> bytes:
+    """Three panels over post-training steps: the metric of each trial's EMA (solid) and raw
+    generator (dashed) with FM's value as a reference line; D's real/fake logits; grad norms."""
+    metric_lines, logit_lines, grad_lines = {}, {}, {}
+    for trial in result["trials"]:
+        curve = [row for row in trial["curve"] if f"{metric}_model" in row]
+        short = trial["name"].split("-")[0]
+        steps = [row["step"] for row in curve]
+        metric_lines[f"{short} EMA"] = (steps, [row.get(f"{metric}_ema", float("nan")) for row in curve])
+        metric_lines[f"{short} (raw)"] = (steps, [row[f"{metric}_model"] for row in curve])
+        trained = [row for row in curve if "logit_real" in row]
+        if trained:
+            s = [row["step"] for row in trained]
+            logit_lines[f"{short} real"] = (s, [row["logit_real"] for row in trained])
+            logit_lines[f"{short} fake (raw)"] = (s, [row["logit_fake"] for row in trained])
+            grad_lines[f"{short} D"] = (s, [row.get("d_grad_norm", float("nan")) for row in trained])
+            grad_lines[f"{short} G (raw)"] = (s, [row.get("g_grad_norm", float("nan")) for row in trained])
+    picture = io.BytesIO()
+    line_panels(
+        [(f"{metric} at curve points (EMA solid, raw dashed)", metric_lines),
+         ("discriminator logits on real / fake", logit_lines),
+         ("gradient norms", grad_lines)],
+        picture,
+        references=[{"FM": result["fm_curve"][f"{metric}_model"]}, {}, {}],
+    )
+    return picture.getvalue()
+
+
+@task(name="cafm-sweep", cache_policy=NONE)
+def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
+    pipeline = params.pipeline
+    run = Run(pipeline)
+    out_url = run.url("sweep", params.name)
+    fingerprint = _fingerprint(run.fingerprint("fm"), params.model_dump(exclude={"pipeline": {"cafm": {"enabled"}}}))
+    record = run.store.completed(out_url)
+    if record is not None:
+        if record["outputs"].get("fingerprint") != fingerprint:
+            raise StageMismatch(f"{out_url} is complete but was made with other parameters; use another sweep name")
+        get_run_logger().info("sweep %s complete at %s: skipped", params.name, out_url)
+        return record["outputs"]["outputs"]
+
+    data_url = run.require("data")["data_url"]
+    fm_url = run.require("fm")["model_url"]
+    settings = _settings(pipeline)
+    trials = _trial_specs(params)
+    get_run_logger().info("sweep %s: %d trials from %s", params.name, len(trials), fm_url)
+    _ray(pipeline)
+    result = run_sweep(
+        run.store, data_url=data_url, fm_url=fm_url, trials=trials, settings=settings,
+        seeds=list(pipeline.eval_seeds), num_samples=pipeline.sampling.num_samples,
+        curve_setting=SamplerSetting(pipeline.sampling.method, params.curve_nfe, 1.0),
+        curve_every=params.curve_every, curve_samples=params.curve_samples,
+        cpus_per_trial=params.cpus_per_trial, out_url=out_url, name=params.name,
+    )
+    keys = result["metrics"]
+    metric = "fd" if "fd" in keys else "sliced_wasserstein"
+    dataset, manifest = load_prepared(run.store, data_url)
+    feature_net = load_feature_net(run.store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    real = extract_features(feature_net, dataset.data) if feature_net is not None else None
+    floor = noise_floor(dataset, feature_net=feature_net, real_features=real, seed=pipeline.eval_seeds[0])
+    summary = summary_rows(result["trials"], result["fm_rows"], keys)
+    ranking = rank_trials(summary, metric)
+    table = format_table(summary, floor, keys)
+    failed = [t["name"] for t in result["trials"] if t["error"]]
+    points = "\n".join(f"- `{t['name']}`: {t['point']}" + (f" (failed: {t['error'][:200]})" if t["error"] else "")
+                       for t in result["trials"])
+    ranked = "\n".join(f"{i + 1}. {name}: {value:.4g}" for i, (name, value) in enumerate(ranking))
+    report = (
+        f"# CAFM sweep `{params.name}` on {manifest['name']}\n\n{table}\n\n"
+        f"Ranking by {metric} averaged over the guidance-free settings (lower is better):\n\n{ranked}\n\n"
+        f"Trials (all from the FM generator {fm_url}):\n\n{points}\n\n"
+        f"{len(pipeline.eval_seeds)} evaluation seed(s); identical sampler settings, noise and labels for every "
+        f"model. Sweep time {result['seconds']:.0f}s.\n"
+    )
+    picture = _curves_picture(result, metric)
+
+    tracker = _tracker(pipeline)
+    for trial in result["trials"]:
+        with tracker.run(trial["name"], {"point": trial["point"], "cafm": next(t["config"] for t in trials if t["name"] == trial["name"])},
+                         parent_run_id=parent_run_id):
+            tracker.log_history(trial["curve"])
+            for row in summary:
+                if row["model"] == trial["name"]:
+                    prefix = f"nfe{row['nfe']}.cfg{row['cfg_scale']:g}."
+                    tracker.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")}, prefix=prefix)
+    tracker.log_text(report, "sweep_report.md")
+    tracker.log_image(Image.open(io.BytesIO(picture)), "sweep_curves.png")
+
+    run.store.write_bytes(Store.join(out_url, "report.md"), report.encode())
+    run.store.write_bytes(Store.join(out_url, "curves.png"), picture)
+    run.store.write_json(Store.join(out_url, "sweep.json"), {**result, "summary": summary, "noise_floor": floor,
+                                                             "ranking": ranking})
+    create_markdown_artifact(key=f"sweep-{params.name}".lower().replace("_", "-").replace(".", "-"), markdown=report,
+                             description="CAFM sweep: FM vs every trial at identical sampler settings")
+    picture_url = Store.join(out_url, "curves.png")
+    if "://" not in picture_url:
+        picture_url = Path(picture_url).resolve().as_uri()
+    create_image_artifact(image_url=picture_url, key="sweep-curves", description="diagnostic curves of every trial")
+    outputs = {"report_url": Store.join(out_url, "report.md"), "table": table, "ranking": ranking,
+               "best": next((name for name, _ in ranking if name != "FM"), None), "failed": failed}
+    run.store.mark_complete(out_url, {"fingerprint": fingerprint, "outputs": outputs})
+    return outputs
+
+
+@flow(name="cafm-sweep", log_prints=True)
+def sweep_flow(params: SweepParams = SweepParams()) -> dict:
+    """Prepare and FM-pretrain (skipped when complete), then the CAFM sweep."""
+    pipeline = params.pipeline
+    _check_early(pipeline)
+    tracker = _tracker(pipeline)
+    with tracker.run(f"sweep-{params.name}", {"run_name": pipeline.run_name, "space": params.space,
+                                              "storage_root": pipeline.storage_root}) as parent_id:
+        prepare_task(pipeline, parent_id)
+        pretrain_task(pipeline, parent_id)
+        outputs = sweep_task(params, parent_id)
+    print(f"\n{outputs['table']}\n")
+    print("ranking (lower is better): " + ", ".join(f"{n} {v:.4g}" for n, v in outputs["ranking"]))
+    print(f"report: {outputs['report_url']}; MLflow: {tracker.tracking_uri}, run {parent_id}")
+    if outputs["failed"]:
+        raise RuntimeError(f"sweep trials failed: {outputs['failed']} (see the report)")
+    return outputs

@@ -1,0 +1,220 @@
+"""CAFM hyper-parameter sweep on Ray Tune.
+
+Every trial post-trains the same FM generator (its EMA weights) with one point of a grid
+of CAFM settings, in one process (``cafm_core.training.train_cafm``; the models here are
+small enough that a trial per CPU beats data parallelism), and:
+
+* every ``curve_every`` steps reports the training rows (D/G losses, real/fake logits,
+  gradient norms) together with a diagnostic curve point: the metric of the generator and
+  of its EMA on a fixed small sample (``cafm_core.evaluation.TrainingCurve``);
+* at the end evaluates its EMA generator at every sampler setting and seed, exactly as the
+  pipeline's evaluation does (same settings, seeds, labels and feature network), and
+  writes the generator to ``<out_url>/trials/<trial>/model``.
+
+The FM generator is evaluated once at the same settings, so every trial's table row sits
+beside the baseline and the noise floor. Trials read their inputs from storage, so they
+run on any node of a cluster that reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from cafm_core.checkpoint import model_from_checkpoint, model_to_tensors
+from cafm_core.ema import EMA
+from cafm_core.evaluation import (
+    IMAGE_METRICS,
+    POINT_METRICS,
+    SamplerSetting,
+    TrainingCurve,
+    evaluate_generator,
+    summarise_over_seeds,
+)
+from cafm_core.models import discriminator_from_generator
+from cafm_core.path import TimeSampler
+from cafm_core.training import CAFMConfig, infinite_batches, train_cafm
+from tasks.prepare import load_feature_net, load_prepared
+from tasks.storage import Store
+from tasks.train import _storage_filesystem
+
+# what Tune adds to every report (iteration counters, timestamps, host): not ours to log
+_TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"})
+
+__all__ = ["cafm_config", "run_sweep", "summary_rows", "trial_name"]
+
+
+def trial_name(index: int, point: Mapping[str, Any]) -> str:
+    """``t03-generator_lr=3e-05,discriminator_steps=4`` (a folder name; dots in keys kept)."""
+    parts = ",".join(f"{k.split('.')[-1] if k.startswith('time_sampler.') else k}={v:g}" if isinstance(v, float)
+                     else f"{k}={v}" for k, v in point.items())
+    return f"t{index:02d}" + (f"-{parts}" if parts else "")
+
+
+def cafm_config(values: Mapping[str, Any]) -> CAFMConfig:
+    """A CAFMConfig from plain fields (``time_sampler`` a dict, ``betas`` a list)."""
+    values = dict(values)
+    if isinstance(values.get("time_sampler"), Mapping):
+        values["time_sampler"] = TimeSampler(**values["time_sampler"])
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return CAFMConfig(**values)
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def _trial(config: dict, *, spec: dict) -> None:
+    """One Tune trial (runs in a Ray worker process)."""
+    from ray import tune
+
+    trial = config["trial"]
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(trial["config"]["seed"])  # the discriminator head's initialisation
+    store = Store(spec["store_root"])
+    dataset, _ = load_prepared(store, spec["data_url"])
+    feature_net = load_feature_net(store, spec["data_url"]) if dataset.kind == "image" and dataset.labels is not None else None
+    tensors, model_config, metadata = store.read_checkpoint(spec["fm_url"])
+    generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=True)
+    discriminator = discriminator_from_generator(generator)
+    point = trial["point"]
+    cfg = cafm_config({**trial["config"], "log_every": 1})  # the callback picks the rows it reports
+    curve = TrainingCurve(dataset, SamplerSetting(**spec["curve_setting"]), feature_net=feature_net,
+                          num_samples=spec["curve_samples"], seed=spec["seeds"][0])
+    ema = EMA(generator, cfg.ema_decay, warmup=True)
+    labels = dataset.labels if getattr(generator, "null_class", None) is not None else None
+    batches = infinite_batches(dataset.data, labels, cfg.batch_size, seed=cfg.seed)
+    started = time.perf_counter()
+    # the curve's starting point: the FM generator itself
+    tune.report({"step": 0, **curve(generator, ema), "seconds": 0.0})
+
+    def on_log(step: int, row: dict) -> None:
+        done = step + 1
+        if done % spec["curve_every"] and done != cfg.steps:
+            return
+        tune.report({**_finite(row), "step": done, **curve(generator, ema), "seconds": time.perf_counter() - started})
+
+    train_cafm(generator, discriminator, batches, cfg, ema=ema, callback=on_log)
+    ema.copy_to(generator)
+    settings = [SamplerSetting(**s) for s in spec["settings"]]
+    rows = evaluate_generator(generator, dataset, settings, feature_net=feature_net,
+                              num_samples=spec["num_samples"], seeds=spec["seeds"])
+    model_url = Store.join(spec["out_url"], "trials", trial["name"], "model")
+    model_tensors, saved_config, saved_meta = model_to_tensors(
+        generator, ema_shadow=ema.shadow, metadata={"stage": "cafm-sweep", "trial": trial["name"], "point": point}
+    )
+    store.write_checkpoint(model_url, model_tensors, saved_config, saved_meta)
+    final = {"step": cfg.steps, "final": 1.0, "seconds": time.perf_counter() - started}
+    for row in rows:
+        prefix = f"eval.{row['method']}-nfe{row['nfe']}-cfg{row['cfg_scale']:g}.seed{row['seed']}."
+        final.update({prefix + k: v for k, v in _finite(row).items() if k not in ("nfe", "cfg_scale", "seed")})
+    tune.report(final)
+
+
+def run_sweep(
+    store: Store,
+    *,
+    data_url: str,
+    fm_url: str,
+    trials: list[dict[str, Any]],
+    settings: list[SamplerSetting],
+    seeds: list[int],
+    num_samples: int | None,
+    curve_setting: SamplerSetting,
+    curve_every: int,
+    curve_samples: int,
+    cpus_per_trial: int,
+    out_url: str,
+    name: str,
+) -> dict:
+    """Run every trial (``{"name", "point", "config"}``, config: CAFMConfig fields) with Ray
+    Tune; returns each trial's curve and evaluation rows, and the FM generator's rows.
+
+    Every config is validated (``CAFMConfig``) before Ray starts. The Tune experiment lives
+    under ``<out_url>/tune``.
+    """
+    from ray import tune
+
+    if not trials:
+        raise ValueError("the sweep has no trials")
+    for trial in trials:
+        cfg = cafm_config(trial["config"])  # every config validated before compute
+        if cfg.warmup_steps >= cfg.steps:
+            raise ValueError(f"trial {trial['name']}: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: no generator step")
+    if not isinstance(curve_every, int) or curve_every < 1:
+        raise ValueError(f"curve_every must be an int >= 1, got {curve_every!r}")
+    dataset, _ = load_prepared(store, data_url)
+    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    tensors, model_config, metadata = store.read_checkpoint(fm_url)
+    fm_generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=False)
+    fm_rows = evaluate_generator(fm_generator, dataset, settings, feature_net=feature_net, num_samples=num_samples, seeds=seeds)
+    fm_curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])(fm_generator)
+
+    spec = {
+        "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,
+        "settings": [s.to_dict() for s in settings], "seeds": list(seeds), "num_samples": num_samples,
+        "curve_setting": curve_setting.to_dict(), "curve_every": curve_every, "curve_samples": curve_samples,
+        "threads": cpus_per_trial,
+    }
+    storage_fs, storage_base = _storage_filesystem(Store.join(out_url, "tune"))
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": cpus_per_trial}),
+        param_space={"trial": tune.grid_search(list(trials))},
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_base, storage_filesystem=storage_fs,
+            verbose=1 if sys.stderr.isatty() else 0,
+        ),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    seconds = time.perf_counter() - started
+    outcomes = []
+    for result in results:
+        trial = result.config["trial"]
+        history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
+        history = [{k: v for k, v in row.items() if k not in _TUNE_KEYS and not str(k).startswith("config/") and _is_number(v)}
+                   for row in history]
+        curve = [{k: v for k, v in row.items() if not str(k).startswith("eval.")} for row in history if not row.get("final")]
+        entry = {"name": trial["name"], "point": trial["point"], "curve": curve,
+                 "error": None if result.error is None else str(result.error)}
+        final = next((row for row in reversed(history) if row.get("final")), None)
+        if final is not None:
+            entry["rows"] = _rows_from_report(final, settings, seeds)
+            entry["model_url"] = Store.join(out_url, "trials", trial["name"], "model")
+        outcomes.append(entry)
+    outcomes.sort(key=lambda t: t["name"])
+    return {"trials": outcomes, "fm_rows": fm_rows, "fm_curve": fm_curve, "seconds": seconds,
+            "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _rows_from_report(final: Mapping[str, Any], settings: list[SamplerSetting], seeds: list[int]) -> list[dict]:
+    rows = []
+    for setting in settings:
+        for seed in seeds:
+            prefix = f"eval.{setting.method}-nfe{setting.nfe}-cfg{setting.cfg_scale:g}.seed{seed}."
+            metrics = {k[len(prefix):]: v for k, v in final.items() if str(k).startswith(prefix) and _is_number(v)}
+            if metrics:
+                rows.append({**setting.to_dict(), "seed": seed, **metrics})
+    return rows
+
+
+def summary_rows(trials: list[dict], fm_rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Mean ± std over seeds per (trial or FM, setting), in the shape ``format_table`` reads."""
+    rows = [{"model": "FM", **r} for r in fm_rows]
+    for trial in trials:
+        rows += [{"model": trial["name"], **r} for r in trial.get("rows", [])]
+    return summarise_over_seeds(rows, keys)
