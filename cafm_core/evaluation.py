@@ -280,6 +280,37 @@ def summarise_over_seeds(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     return summary
 
 
+def paired_differences(rows: list[dict], metric: str, *, base: str = "FM", other: str = "CAFM") -> list[dict]:
+    """``other - base`` of ``metric`` per setting, paired by seed (same noise and labels, or
+    the same training seed): the per-seed differences, their mean and standard deviation.
+    Pairing removes the sampling noise both models share, which the spread of either
+    model's own mean over seeds includes."""
+    by_key: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row["model"] in (base, other) and metric in row:
+            by_key.setdefault((row["method"], row["nfe"], row["cfg_scale"], row["seed"]), {})[row["model"]] = row[metric]
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for (method, nfe, cfg, seed), values in by_key.items():
+        if base in values and other in values:
+            groups.setdefault((method, nfe, cfg), []).append((seed, values[other] - values[base]))
+    result = []
+    for (method, nfe, cfg), pairs in groups.items():
+        diffs = [d for _, d in sorted(pairs)]
+        result.append({"method": method, "nfe": nfe, "cfg_scale": cfg, "metric": metric, "diffs": diffs,
+                       "mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0})
+    return result
+
+
+def format_differences(differences: list[dict], *, base: str = "FM", other: str = "CAFM") -> str:
+    """One markdown line per setting: ``other - base`` per seed, mean ± std."""
+    lines = []
+    for d in differences:
+        label = SamplerSetting(d["method"], d["nfe"], d["cfg_scale"]).label
+        per_seed = ", ".join(f"{x:+.4g}" for x in d["diffs"])
+        lines.append(f"- {other} − {base}, {d['metric']}, {label}: {per_seed} (mean {d['mean']:+.4g} ± {d['std']:.2g})")
+    return "\n".join(lines)
+
+
 def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str:
     """A markdown table: one row per (model, setting), mean ± std over seeds, then the noise floor."""
     keys = tuple(k for k in keys if any(k in r for r in summary))

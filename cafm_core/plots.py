@@ -96,3 +96,27 @@ def line_panels(
     fig.tight_layout()
     fig.savefig(destination, dpi=110, format="png")
     plt.close(fig)
+
+
+def training_curves(curves: dict[str, Sequence[dict]], metric: str, destination, *, reference: float | None = None) -> None:
+    """Post-training diagnostics of one or more runs (``name -> rows``, each row with a
+    ``step``), as three panels: ``<metric>_ema`` (solid) and ``<metric>_model`` (dashed)
+    with ``reference`` (e.g. the FM generator's value) as a dotted line; the discriminator's
+    logits on real and fake samples; the D and G gradient norms."""
+    panels: list[dict[str, tuple[list, list]]] = [{}, {}, {}]
+    series = [
+        (0, f"{metric}_ema", "EMA"), (0, f"{metric}_model", "(raw)"),
+        (1, "logit_real", "real"), (1, "logit_fake", "fake (raw)"),
+        (2, "d_grad_norm", "D"), (2, "g_grad_norm", "G (raw)"),
+    ]
+    for name, rows in curves.items():
+        for panel, key, label in series:
+            points = [(row["step"], row[key]) for row in rows if key in row]
+            if points:
+                panels[panel][f"{name} {label}".strip()] = ([p[0] for p in points], [p[1] for p in points])
+    line_panels(
+        [(f"{metric} on a fixed sample (EMA solid, raw dashed)", panels[0]),
+         ("discriminator logits on real / fake", panels[1]), ("gradient norms", panels[2])],
+        destination,
+        references=[{"FM": reference} if reference is not None else {}, {}, {}],
+    )

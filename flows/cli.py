@@ -37,6 +37,9 @@ def build_params(profile: str, params_file: str | None, overrides: list[str], *,
         if "=" not in item:
             raise SystemExit(f"error: --set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip() == "space":  # a whole grid replaces the profile's; space.<field>=... adds to it
+            data["space"] = _parse_value(value)
+            continue
         patch: dict = {}
         cursor = patch
         parts = key.strip().split(".")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--profile", choices=sorted(SWEEP_PROFILES), default="default")
     sweep.add_argument("--params", help="JSON file with sweep parameters (merged over the profile)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="e.g. space.generator_lr=[1e-5,3e-5] or pipeline.cafm.steps=600")
+                       help="e.g. space.ema_decay=[0.99,0.999] (adds to the grid), "
+                            "space='{\"generator_lr\": [1e-5, 3e-5]}' (replaces it), pipeline.cafm.steps=600")
     show = sub.add_parser("params", help="print the parameters a run would use, as JSON")
     show.add_argument("--profile", choices=sorted(PROFILES), default="default")
     show.add_argument("--params")

@@ -59,6 +59,10 @@ class FMParams(_Params):
     grad_clip: float = Field(1.0, ge=0)
     time_sampler: TimeParams = TimeParams()
 
+    def core_config(self, seed: int) -> dict:
+        """The ``cafm_core.training.FlowMatchingConfig`` fields (plain values) these parameters give."""
+        return {**self.model_dump(exclude={"time_sampler"}), "time_sampler": self.time_sampler.model_dump(), "seed": seed}
+
 
 class CAFMParams(_Params):
     enabled: bool = True
@@ -75,6 +79,19 @@ class CAFMParams(_Params):
     logit_mode: Literal["reverse", "forward"] = "reverse"
     label_drop: float = Field(0.1, ge=0, le=1)
     time_sampler: TimeParams = TimeParams()
+    curve_samples: int = Field(512, ge=0, description="diagnostic curve: samples per point at each report, at the smallest sampling NFE (0: off)")
+
+    @field_validator("curve_samples")
+    @classmethod
+    def _curve_size(cls, value: int) -> int:
+        if 0 < value < 16:
+            raise ValueError(f"cafm.curve_samples must be 0 (off) or >= 16, got {value}")
+        return value
+
+    def core_config(self, seed: int) -> dict:
+        """The ``cafm_core.training.CAFMConfig`` fields (plain values) these parameters give."""
+        return {**self.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint", "curve_samples"}),
+                "time_sampler": self.time_sampler.model_dump(), "seed": seed}
 
 
 class SamplingParams(_Params):
@@ -125,7 +142,7 @@ class PipelineParams(_Params):
     experiment: str = "cafm-pipeline"
     registered_model: str = "cafm-generator"
     seed: int = 0
-    eval_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="sampling seeds of the evaluation: mean ± std over them")
     inception_weights: str | None = Field(None, description="local TorchScript Inception-v3 file for standard FID (none can be downloaded)")
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -148,6 +165,7 @@ def smoke_params(**overrides) -> PipelineParams:
     """Same stages as the default, few steps: what the tests run (about 3 minutes)."""
     base = PipelineParams(
         run_name="smoke",
+        eval_seeds=[0],
         data=DataParams(feature_steps=60),
         fm=FMParams(steps=120),
         cafm=CAFMParams(steps=60, warmup_steps=20, discriminator_steps=4),
@@ -160,7 +178,7 @@ def smoke_params(**overrides) -> PipelineParams:
 PROFILES = {"default": PipelineParams, "smoke": smoke_params}
 
 
-_SWEEP_EXCLUDED = {"enabled", "init_checkpoint"}
+_SWEEP_EXCLUDED = {"enabled", "init_checkpoint", "curve_samples"}
 
 
 def _sweepable_keys() -> set[str]:

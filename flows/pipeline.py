@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from cafm_core.evaluation import SamplerSetting
 from cafm_core.features import load_inception_features
 from cafm_core.models import MLPConfig, dit_config
+from cafm_core.plots import training_curves
 from flows.params import PipelineParams
 from tasks.evaluate import evaluate_stage, headline
 from tasks.prepare import prepare_dataset
@@ -59,7 +60,8 @@ class Run:
         p = self.params
         data = _fingerprint(p.data.model_dump(), p.seed)
         fm = _fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
-        cafm = _fingerprint(fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint, p.cafm.model_dump())
+        cafm = _fingerprint(fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint,
+                            p.cafm.model_dump(exclude={"curve_samples"}))  # the curve changes no weight
         samples = _fingerprint(fm, cafm, p.sampling.model_dump(), p.eval_seeds)
         evaluation = _fingerprint(samples, data, p.inception_weights)
         return {"data": data, "fm": fm, "cafm": cafm, "samples": samples, "eval": evaluation}[stage]
@@ -165,23 +167,36 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
     with tracker.run(stage, stage_params, parent_run_id=parent_run_id), \
             tempfile.TemporaryDirectory() as scratch:
         if stage == "fm":
-            fm_config = {**params.fm.model_dump(exclude={"time_sampler"}), "time_sampler": params.fm.time_sampler.model_dump(), "seed": params.seed}
-            result = run_flow_matching(model_config=_model_config(params, manifest), fm_config=fm_config,
+            result = run_flow_matching(model_config=_model_config(params, manifest), fm_config=params.fm.core_config(params.seed),
                                        output_dir=str(Path(scratch) / "out"), **common)
         else:
             init_url = params.cafm.init_checkpoint or run.require("fm")["model_url"]
             init_dir = Path(scratch) / "init"
             run.store.download_dir(init_url, str(init_dir))
-            cafm_config = {**params.cafm.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint"}),
-                           "time_sampler": params.cafm.time_sampler.model_dump(), "seed": params.seed}
-            result = run_cafm(init_checkpoint=str(init_dir), cafm_config=cafm_config,
-                              output_dir=str(Path(scratch) / "out"), **common)
+            curve = None
+            if params.cafm.curve_samples:
+                curve = {"store_root": run.store.root, "data_url": data["data_url"], "method": params.sampling.method,
+                         "nfe": min(params.sampling.nfes), "num_samples": params.cafm.curve_samples, "seed": params.seed}
+            result = run_cafm(init_checkpoint=str(init_dir), cafm_config=params.cafm.core_config(params.seed),
+                              output_dir=str(Path(scratch) / "out"), curve=curve, **common)
+            if curve is not None:
+                _log_curves(run, tracker, result["history"])
         tracker.log_history(result["history"])
         tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"]})
         model_url = run.url(stage, "model")
         run.store.upload_dir(result["model_dir"], model_url, marker_last="checkpoint.json")
     return run.complete(stage, {"model_url": model_url, "final_metrics": result["final_metrics"],
                                 "steps": result["steps"], "seconds": result["seconds"]})
+
+
+def _log_curves(run: Run, tracker: Tracker, history: list[dict]) -> None:
+    """The CAFM stage's diagnostic curves as a picture: MLflow artifact and ``cafm/curves.png``."""
+    metric = "fd" if any("fd_model" in row for row in history) else "sliced_wasserstein"
+    start = next((row for row in history if row["step"] == 0 and f"{metric}_model" in row), None)
+    picture = io.BytesIO()
+    training_curves({"CAFM": history}, metric, picture, reference=start[f"{metric}_model"] if start else None)
+    run.store.write_bytes(run.url("cafm", "curves.png"), picture.getvalue())
+    tracker.log_image(Image.open(io.BytesIO(picture.getvalue())), "curves.png")
 
 
 @task(name="fm-pretrain", cache_policy=NONE)

@@ -22,9 +22,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from cafm_core.evaluation import SamplerSetting, format_table, noise_floor
+from cafm_core.evaluation import SamplerSetting, format_differences, format_table, noise_floor, paired_differences
 from cafm_core.features import extract_features
-from cafm_core.plots import line_panels
+from cafm_core.plots import training_curves
 from flows.params import SweepParams
 from flows.pipeline import Run, StageMismatch, _check_early, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
 from tasks.prepare import load_feature_net, load_prepared
@@ -35,9 +35,7 @@ from tasks.sweep import run_sweep, summary_rows, trial_name
 def _trial_specs(params: SweepParams) -> list[dict]:
     specs = []
     for index, point in enumerate(params.points()):
-        cafm = params.cafm_for(point)
-        config = {**cafm.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint"}),
-                  "time_sampler": cafm.time_sampler.model_dump(), "seed": params.pipeline.seed}
+        config = params.cafm_for(point).core_config(params.pipeline.seed)
         specs.append({"name": trial_name(index, point), "point": point, "config": config})
     return specs
 
@@ -49,34 +47,6 @@ def rank_trials(summary: list[dict], metric: str) -> list[tuple[str, float]]:
         if row["cfg_scale"] == 1.0 and metric in row:
             by_model.setdefault(row["model"], []).append(row[metric])
     return sorted(((m, statistics.fmean(v)) for m, v in by_model.items()), key=lambda item: item[1])
-
-
-def _curves_picture(result: dict, metric: str) -> bytes:
-    """Three panels over post-training steps: the metric of each trial's EMA (solid) and raw
-    generator (dashed) with FM's value as a reference line; D's real/fake logits; grad norms."""
-    metric_lines, logit_lines, grad_lines = {}, {}, {}
-    for trial in result["trials"]:
-        curve = [row for row in trial["curve"] if f"{metric}_model" in row]
-        short = trial["name"].split("-")[0]
-        steps = [row["step"] for row in curve]
-        metric_lines[f"{short} EMA"] = (steps, [row.get(f"{metric}_ema", float("nan")) for row in curve])
-        metric_lines[f"{short} (raw)"] = (steps, [row[f"{metric}_model"] for row in curve])
-        trained = [row for row in curve if "logit_real" in row]
-        if trained:
-            s = [row["step"] for row in trained]
-            logit_lines[f"{short} real"] = (s, [row["logit_real"] for row in trained])
-            logit_lines[f"{short} fake (raw)"] = (s, [row["logit_fake"] for row in trained])
-            grad_lines[f"{short} D"] = (s, [row.get("d_grad_norm", float("nan")) for row in trained])
-            grad_lines[f"{short} G (raw)"] = (s, [row.get("g_grad_norm", float("nan")) for row in trained])
-    picture = io.BytesIO()
-    line_panels(
-        [(f"{metric} at curve points (EMA solid, raw dashed)", metric_lines),
-         ("discriminator logits on real / fake", logit_lines),
-         ("gradient norms", grad_lines)],
-        picture,
-        references=[{"FM": result["fm_curve"][f"{metric}_model"]}, {}, {}],
-    )
-    return picture.getvalue()
 
 
 @task(name="cafm-sweep", cache_policy=NONE)
@@ -118,14 +88,22 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     points = "\n".join(f"- `{t['name']}`: {t['point']}" + (f" (failed: {t['error'][:200]})" if t["error"] else "")
                        for t in result["trials"])
     ranked = "\n".join(f"{i + 1}. {name}: {value:.4g}" for i, (name, value) in enumerate(ranking))
+    rows = [{"model": "FM", **r} for r in result["fm_rows"]]
+    rows += [{"model": t["name"], **r} for t in result["trials"] for r in t.get("rows", [])]
+    paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"])
+                       for t in result["trials"] if t.get("rows"))
     report = (
         f"# CAFM sweep `{params.name}` on {manifest['name']}\n\n{table}\n\n"
         f"Ranking by {metric} averaged over the guidance-free settings (lower is better):\n\n{ranked}\n\n"
+        f"Each trial against FM, paired by evaluation seed (same noise and labels):\n\n{paired}\n\n"
         f"Trials (all from the FM generator {fm_url}):\n\n{points}\n\n"
         f"{len(pipeline.eval_seeds)} evaluation seed(s); identical sampler settings, noise and labels for every "
         f"model. Sweep time {result['seconds']:.0f}s.\n"
     )
-    picture = _curves_picture(result, metric)
+    picture = io.BytesIO()
+    training_curves({t["name"].split("-")[0]: t["curve"] for t in result["trials"]}, metric, picture,
+                    reference=result["fm_curve"][f"{metric}_model"])
+    picture = picture.getvalue()
 
     tracker = _tracker(pipeline)
     for trial in result["trials"]:

@@ -17,8 +17,10 @@ from cafm_core.evaluation import (
     POINT_METRICS,
     SamplerSetting,
     evaluate_samples,
+    format_differences,
     format_table,
     noise_floor,
+    paired_differences,
     summarise_over_seeds,
 )
 from cafm_core.features import extract_features, load_inception_features
@@ -70,6 +72,8 @@ def evaluate_stage(
     summary = summarise_over_seeds(rows, keys)
     floor = noise_floor(dataset, feature_net=feature_net, real_features=real_features, seed=seeds[0])
     table = format_table(summary, floor, keys)
+    headline_keys = ("fd", "kid", "class_accuracy") if image else ("sliced_wasserstein", "off_manifold_fraction")
+    differences = [d for key in headline_keys for d in paired_differences(rows, key)] if "cafm" in models else []
 
     # Picture: each model at the last setting (largest NFE listed), first seed, beside real data.
     picture = io.BytesIO()
@@ -86,7 +90,9 @@ def evaluate_stage(
         f"Identical sampler settings, noise and labels for every model; "
         f"{len(seeds)} seed(s); the noise floor rows compare real data with real data.\n"
     )
-    result = {"rows": rows, "summary": summary, "noise_floor": floor, "table": table}
+    if differences:
+        report += f"\nPaired by seed (same noise and labels; lower is better except class_accuracy):\n\n{format_differences(differences)}\n"
+    result = {"rows": rows, "summary": summary, "noise_floor": floor, "table": table, "differences": differences}
     store.write_bytes(Store.join(out_url, "samples.png"), picture.getvalue())
     store.write_json(Store.join(out_url, "metrics.json"), result)
     store.write_bytes(Store.join(out_url, "report.md"), report.encode())

@@ -19,7 +19,7 @@ run on any node of a cluster that reaches it.
 from __future__ import annotations
 
 import math
-import sys
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -51,9 +51,12 @@ __all__ = ["cafm_config", "run_sweep", "summary_rows", "trial_name"]
 
 
 def trial_name(index: int, point: Mapping[str, Any]) -> str:
-    """``t03-generator_lr=3e-05,discriminator_steps=4`` (a folder name; dots in keys kept)."""
-    parts = ",".join(f"{k.split('.')[-1] if k.startswith('time_sampler.') else k}={v:g}" if isinstance(v, float)
-                     else f"{k}={v}" for k, v in point.items())
+    """``t03-generator_lr=3e-05,kind=uniform``: the index, then each swept value (a folder
+    and run name; ``time_sampler.`` is dropped from keys)."""
+    def show(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    parts = ",".join(f"{key.removeprefix('time_sampler.')}={show(value)}" for key, value in point.items())
     return f"t{index:02d}" + (f"-{parts}" if parts else "")
 
 
@@ -168,11 +171,16 @@ def run_sweep(
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": cpus_per_trial}),
         param_space={"trial": tune.grid_search(list(trials))},
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
-                                    trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+        tune_config=tune.TuneConfig(
+            trial_name_creator=lambda t: t.config["trial"]["name"],
+            trial_dirname_creator=lambda t: t.config["trial"]["name"],
+            # a local cluster counts one CPU more than the machine has (for Ray Data): keep
+            # trials to the real cores; an existing cluster schedules by its own resources
+            max_concurrent_trials=None if os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 1) // cpus_per_trial),
+        ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_base, storage_filesystem=storage_fs,
-            verbose=1 if sys.stderr.isatty() else 0,
+            verbose=1,
         ),
     )
     started = time.perf_counter()

@@ -657,6 +657,19 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _training_curve(spec: dict, device: torch.device):
+    """Rank 0's diagnostic curve (``cafm_core.evaluation.TrainingCurve``) on the prepared data."""
+    from cafm_core.evaluation import SamplerSetting, TrainingCurve
+    from tasks.prepare import load_feature_net, load_prepared
+    from tasks.storage import Store
+
+    store = Store(spec["store_root"])
+    dataset, _ = load_prepared(store, spec["data_url"])
+    feature_net = load_feature_net(store, spec["data_url"]) if dataset.kind == "image" and dataset.labels is not None else None
+    return TrainingCurve(dataset, SamplerSetting(spec["method"], spec["nfe"], 1.0), feature_net=feature_net,
+                         num_samples=spec["num_samples"], seed=spec["seed"], device=device)
+
+
 def _build_stage(stage_name: str, config, accelerator, restored, loop: dict) -> _Stage:
     """Networks for a fresh start (from the init checkpoint or new) or shaped for a restore."""
     if restored is not None:
@@ -722,6 +735,9 @@ def _train_worker(loop: dict) -> dict:
             accelerator.device, accelerator.mixed_precision,
         )
 
+    curve = _training_curve(loop["curve"], accelerator.device) if rank == 0 and loop.get("curve") else None
+    if curve is not None and restored is None:
+        history.append({"step": start, **curve(stage.generator, stage.ema)})  # where post-training starts
     steps, every, log_every = config.steps, loop["checkpoint_every"], config.log_every
     rng = torch.Generator(device=accelerator.device).manual_seed(_seed_for(config.seed, rank, start))
     batches = _batches(config.batch_size, _ShardCollate(loop["sample_shape"], loop["num_classes"]), accelerator.device)
@@ -741,6 +757,8 @@ def _train_worker(loop: dict) -> dict:
         row = _all_reduce_mean(metrics, accelerator.device)
         row["samples_per_s"] = (done - last_step) * config.batch_size * world_size / max(now - last_time, 1e-9)
         row = {"step": done, **row}
+        if curve is not None:
+            row.update(curve(stage.generator, stage.ema))
         last_time, last_step = now, done
         history.append(row)
         if rank == 0:
@@ -865,7 +883,8 @@ def _outputs(
     final_metrics.pop("step", None)
     output = {
         "model_dir": str(model_dir),
-        "history": [row for row in full_history if row["step"] > start_step],
+        # rows this run made (a fresh run's step-0 row is its starting point, e.g. a curve point)
+        "history": [row for row in full_history if row["step"] > start_step or row["step"] == start_step == 0],
         "final_metrics": final_metrics,
         "steps": steps_done,
         "seconds": seconds,
@@ -927,6 +946,7 @@ def _run(
     storage_path: str,
     run_name: str,
     resume: bool,
+    curve: dict | None = None,
 ) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -987,6 +1007,7 @@ def _run(
         "mixed_precision": mixed_precision,
         "use_gpu": bool(use_gpu),
         "threads": cpus,
+        "curve": curve,
         # the init checkpoint travels as verified bytes through the object store, so
         # workers on other nodes need no access to the driver's disk
         "init_ref": ray.put(init_files) if init_files is not None else None,
@@ -1065,11 +1086,17 @@ def run_cafm(
     storage_path: str,
     run_name: str,
     resume: bool = True,
+    curve: dict | None = None,
 ) -> dict:
     """CAFM post-training on Ray Train from an FM generator checkpoint (its EMA weights).
 
     The discriminator is ``discriminator_from_generator`` of that generator. Returns the
-    same keys as :func:`run_flow_matching` plus ``discriminator_dir``.
+    same keys as :func:`run_flow_matching` plus ``discriminator_dir``. ``curve`` (optional:
+    ``store_root``, ``data_url`` of a prepared dataset, ``method``, ``nfe``,
+    ``num_samples``, ``seed``) adds a diagnostic curve to every report: the metric of the
+    generator and of its EMA on a fixed small sample (``fd_model``/``fd_ema``, or
+    ``sliced_wasserstein_*`` for points), computed on rank 0; the history's first row is
+    the starting point.
     """
     if init_checkpoint is None:
         raise ValueError("run_cafm needs init_checkpoint: a local directory holding the FM generator")
@@ -1078,4 +1105,5 @@ def run_cafm(
         model_config=None, train_config=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, storage_path=storage_path, run_name=run_name, resume=resume,
+        curve=curve,
     )

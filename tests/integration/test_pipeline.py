@@ -33,15 +33,35 @@ def _keys(bucket: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(s3_bucket, tmp_path, prefect_harness, local_ray):
+@pytest.fixture(scope="module")
+def module_bucket(s3_server):
+    """A bucket shared by this module's tests (the sweep reuses the pipeline's stages)."""
+    import uuid
+
+    client = boto3.client("s3")
+    name = f"cafm-it-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(module_bucket, tmp_path_factory, prefect_harness, local_ray):
+    """The smoke pipeline, run once for this module (the sweep test reuses its FM stage)."""
     from flows.params import smoke_params
     from flows.pipeline import pipeline
 
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    params = smoke_params(storage_root=f"{s3_bucket}/runs", tracking_uri=tracking_uri, run_name="it")
-    result = pipeline(params)
+    tracking_uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    params = smoke_params(storage_root=f"{module_bucket}/runs", tracking_uri=tracking_uri, run_name="it")
+    return params, pipeline(params), tracking_uri
 
-    bucket = s3_bucket.removeprefix("s3://")
+
+def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(module_bucket, smoke_run):
+    from flows.pipeline import pipeline
+
+    params, result, tracking_uri = smoke_run
+
+    bucket = module_bucket.removeprefix("s3://")
     keys = _keys(bucket)
     for expected in ("runs/it/data/_COMPLETE.json", "runs/it/fm/model/checkpoint.json", "runs/it/cafm/model/checkpoint.json",
                      "runs/it/samples/_COMPLETE.json", "runs/it/eval/out/report.md", "runs/it/eval/out/samples.png",
@@ -72,3 +92,44 @@ def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(s3_bucket, tmp_pat
     again = pipeline(params)
     assert again["table"] == result["table"]
     assert _keys(bucket) == keys
+
+
+def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_run):
+    from flows.params import SweepParams
+    from flows.sweep import sweep_flow
+
+    params, _, tracking_uri = smoke_run
+    bucket = module_bucket.removeprefix("s3://")
+    client = boto3.client("s3")
+    fm_done = client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"]
+    sweep = SweepParams(pipeline=params, name="it-sweep", space={"generator_lr": [1e-5, 1e-4]},
+                        curve_every=20, curve_samples=64, curve_nfe=4)
+    outputs = sweep_flow(sweep)
+
+    ranked = [name for name, _ in outputs["ranking"]]
+    assert sorted(ranked) == sorted(["FM", "t00-generator_lr=1e-05", "t01-generator_lr=0.0001"])
+    assert outputs["best"] in ranked and outputs["best"] != "FM"
+    assert outputs["failed"] == []
+    keys = _keys(bucket)
+    for expected in ("report.md", "curves.png", "sweep.json", "_COMPLETE.json",
+                     "trials/t00-generator_lr=1e-05/model/checkpoint.json"):
+        assert f"runs/it/sweep/it-sweep/{expected}" in keys, expected
+    # the FM stage was found complete, not retrained
+    assert client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"] == fm_done
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(params.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.info.run_name == "sweep-it-sweep"][0]
+    trials = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"t00-generator_lr=1e-05", "t01-generator_lr=0.0001"} <= set(trials)
+    trial = trials["t01-generator_lr=0.0001"]
+    assert trial.data.params["point.generator_lr"] == "0.0001"
+    # the diagnostic curve: FD of the raw generator and of its EMA at step 0, 20, 40, 60
+    fd_ema = client.get_metric_history(trial.info.run_id, "fd_ema")
+    assert [m.step for m in sorted(fd_ema, key=lambda m: m.step)] == [0, 20, 40, 60]
+    assert len(client.get_metric_history(trial.info.run_id, "logit_real")) == 3
+    assert "nfe8.cfg1.fd" in trial.data.metrics
+
+    # a rerun finds the sweep complete and returns the same table without training
+    assert sweep_flow(sweep)["table"] == outputs["table"]

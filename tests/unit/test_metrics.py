@@ -159,3 +159,14 @@ def test_summary_over_seeds_reports_mean_and_spread_and_table_has_floor():
     assert "| FM | heun NFE 8, no CFG | 3 | 2 ± 1 |" in table
     assert "| real vs real (halves) | noise floor | | 0.5 |" in table
     assert "kid" not in table  # columns no row has are dropped
+
+
+def test_paired_differences_pair_by_seed_and_ignore_unpaired_rows():
+    from cafm_core.evaluation import paired_differences
+
+    rows = [{"model": m, "method": "heun", "nfe": 8, "cfg_scale": 1.0, "seed": s, "fd": v}
+            for m, s, v in [("FM", 0, 1.0), ("FM", 1, 1.5), ("CAFM", 1, 1.2), ("CAFM", 0, 0.9), ("CAFM", 2, 0.1)]]
+    (d,) = paired_differences(rows, "fd")
+    assert d["diffs"] == pytest.approx([-0.1, -0.3])  # seed order; seed 2 has no FM partner
+    assert d["mean"] == pytest.approx(-0.2) and d["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert paired_differences(rows, "kid") == []
