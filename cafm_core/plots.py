@@ -73,7 +73,7 @@ def line_panels(
     xlabel: str = "step",
     references: Sequence[dict[str, float]] | None = None,
 ) -> None:
-    """Side-by-side line plots (one panel per ``(title, {label: (xs, ys)})``), saved as PNG to
+    """Side-by-side line plots (one panel per ``(title, {label: (xs, ys[, linestyle])})``), saved as PNG to
     ``destination``. ``references[i]`` draws horizontal lines ``{label: y}`` on panel ``i``."""
     import matplotlib
 
@@ -84,8 +84,8 @@ def line_panels(
         raise CAFMInputError("line_panels needs at least one panel")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for index, (ax, (title, lines)) in enumerate(zip(axes[0], panels)):
-        for label, (xs, ys) in lines.items():
-            ax.plot(list(xs), list(ys), label=label, linewidth=1.2, linestyle="--" if label.endswith("(raw)") else "-")
+        for label, (xs, ys, *style) in lines.items():
+            ax.plot(list(xs), list(ys), label=label, linewidth=1.2, linestyle=style[0] if style else "-")
         for label, y in ((references or [{}] * len(panels))[index] or {}).items():
             ax.axhline(y, color="black", linewidth=0.8, linestyle=":", label=label)
         ax.set_title(title, fontsize=9)
@@ -103,20 +103,20 @@ def training_curves(curves: dict[str, Sequence[dict]], metric: str, destination,
     ``step``), as three panels: ``<metric>_ema`` (solid) and ``<metric>_model`` (dashed)
     with ``reference`` (e.g. the FM generator's value) as a dotted line; the discriminator's
     logits on real and fake samples; the D and G gradient norms."""
-    panels: list[dict[str, tuple[list, list]]] = [{}, {}, {}]
+    panels: list[dict[str, tuple[list, list, str]]] = [{}, {}, {}]
     series = [
-        (0, f"{metric}_ema", "EMA"), (0, f"{metric}_model", "(raw)"),
-        (1, "logit_real", "real"), (1, "logit_fake", "fake (raw)"),
-        (2, "d_grad_norm", "D"), (2, "g_grad_norm", "G (raw)"),
+        (0, f"{metric}_ema", "EMA", "-"), (0, f"{metric}_model", "raw", "--"),
+        (1, "logit_real", "real", "-"), (1, "logit_fake", "fake", "--"),
+        (2, "d_grad_norm", "D", "-"), (2, "g_grad_norm", "G", "--"),
     ]
     for name, rows in curves.items():
-        for panel, key, label in series:
+        for panel, key, label, style in series:
             points = [(row["step"], row[key]) for row in rows if key in row]
             if points:
-                panels[panel][f"{name} {label}".strip()] = ([p[0] for p in points], [p[1] for p in points])
+                panels[panel][f"{name} {label}".strip()] = ([p[0] for p in points], [p[1] for p in points], style)
     line_panels(
         [(f"{metric} on a fixed sample (EMA solid, raw dashed)", panels[0]),
-         ("discriminator logits on real / fake", panels[1]), ("gradient norms", panels[2])],
+         ("discriminator logits: real solid, fake dashed", panels[1]), ("gradient norms: D solid, G dashed", panels[2])],
         destination,
         references=[{"FM": reference} if reference is not None else {}, {}, {}],
     )

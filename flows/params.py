@@ -69,9 +69,9 @@ class CAFMParams(_Params):
     init_checkpoint: str | None = Field(None, description="start from this FM checkpoint URL instead of this run's FM stage")
     steps: int = Field(1000, ge=1, description="optimisation steps of either network, warmup included")
     warmup_steps: int = Field(200, ge=0, description="discriminator-only steps first")
-    discriminator_steps: int = Field(8, ge=1, description="N: discriminator steps per generator step")
+    discriminator_steps: int = Field(4, ge=1, description="N: discriminator steps per generator step")
     batch_size: int = Field(128, ge=1)
-    generator_lr: float = Field(1e-5, gt=0)
+    generator_lr: float = Field(3e-5, gt=0)
     discriminator_lr: float = Field(1e-4, gt=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
     centering_penalty: float = Field(1e-3, ge=0)
@@ -79,7 +79,7 @@ class CAFMParams(_Params):
     logit_mode: Literal["reverse", "forward"] = "reverse"
     label_drop: float = Field(0.1, ge=0, le=1)
     time_sampler: TimeParams = TimeParams()
-    curve_samples: int = Field(512, ge=0, description="diagnostic curve: samples per point at each report, at the smallest sampling NFE (0: off)")
+    curve_samples: int = Field(256, ge=0, description="diagnostic curve: samples per point at each report, at the smallest sampling NFE (0: off)")
 
     @field_validator("curve_samples")
     @classmethod

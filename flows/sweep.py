@@ -22,14 +22,21 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from cafm_core.evaluation import SamplerSetting, format_differences, format_table, noise_floor, paired_differences
+from cafm_core.evaluation import (
+    SamplerSetting,
+    format_differences,
+    format_table,
+    noise_floor,
+    paired_differences,
+    summarise_over_seeds,
+)
 from cafm_core.features import extract_features
 from cafm_core.plots import training_curves
 from flows.params import SweepParams
 from flows.pipeline import Run, StageMismatch, _check_early, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
 from tasks.prepare import load_feature_net, load_prepared
 from tasks.storage import Store
-from tasks.sweep import run_sweep, summary_rows, trial_name
+from tasks.sweep import run_sweep, trial_name
 
 
 def _trial_specs(params: SweepParams) -> list[dict]:
@@ -63,7 +70,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
         return record["outputs"]["outputs"]
 
     data_url = run.require("data")["data_url"]
-    fm_url = run.require("fm")["model_url"]
+    fm_url = pipeline.cafm.init_checkpoint or run.require("fm")["model_url"]
     settings = _settings(pipeline)
     trials = _trial_specs(params)
     get_run_logger().info("sweep %s: %d trials from %s", params.name, len(trials), fm_url)
@@ -81,15 +88,15 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     feature_net = load_feature_net(run.store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
     real = extract_features(feature_net, dataset.data) if feature_net is not None else None
     floor = noise_floor(dataset, feature_net=feature_net, real_features=real, seed=pipeline.eval_seeds[0])
-    summary = summary_rows(result["trials"], result["fm_rows"], keys)
+    rows = [{"model": "FM", **r} for r in result["fm_rows"]]
+    rows += [{"model": t["name"], **r} for t in result["trials"] for r in t.get("rows", [])]
+    summary = summarise_over_seeds(rows, keys)
     ranking = rank_trials(summary, metric)
     table = format_table(summary, floor, keys)
     failed = [t["name"] for t in result["trials"] if t["error"]]
     points = "\n".join(f"- `{t['name']}`: {t['point']}" + (f" (failed: {t['error'][:200]})" if t["error"] else "")
                        for t in result["trials"])
     ranked = "\n".join(f"{i + 1}. {name}: {value:.4g}" for i, (name, value) in enumerate(ranking))
-    rows = [{"model": "FM", **r} for r in result["fm_rows"]]
-    rows += [{"model": t["name"], **r} for t in result["trials"] for r in t.get("rows", [])]
     paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"])
                        for t in result["trials"] if t.get("rows"))
     report = (
@@ -106,9 +113,9 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     picture = picture.getvalue()
 
     tracker = _tracker(pipeline)
+    configs = {t["name"]: t["config"] for t in trials}
     for trial in result["trials"]:
-        with tracker.run(trial["name"], {"point": trial["point"], "cafm": next(t["config"] for t in trials if t["name"] == trial["name"])},
-                         parent_run_id=parent_run_id):
+        with tracker.run(trial["name"], {"point": trial["point"], "cafm": configs[trial["name"]]}, parent_run_id=parent_run_id):
             tracker.log_history(trial["curve"])
             for row in summary:
                 if row["model"] == trial["name"]:
@@ -129,20 +136,23 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     create_image_artifact(image_url=picture_url, key="sweep-curves", description="diagnostic curves of every trial")
     outputs = {"report_url": Store.join(out_url, "report.md"), "table": table, "ranking": ranking,
                "best": next((name for name, _ in ranking if name != "FM"), None), "failed": failed}
-    run.store.mark_complete(out_url, {"fingerprint": fingerprint, "outputs": outputs})
+    if not failed:  # a sweep with failed trials is reported but not marked complete: a rerun retries it
+        run.store.mark_complete(out_url, {"fingerprint": fingerprint, "outputs": outputs})
     return outputs
 
 
 @flow(name="cafm-sweep", log_prints=True)
 def sweep_flow(params: SweepParams = SweepParams()) -> dict:
-    """Prepare and FM-pretrain (skipped when complete), then the CAFM sweep."""
+    """Prepare and FM-pretrain (skipped when complete; no FM stage when
+    ``pipeline.cafm.init_checkpoint`` names the generator to start from), then the sweep."""
     pipeline = params.pipeline
     _check_early(pipeline)
     tracker = _tracker(pipeline)
     with tracker.run(f"sweep-{params.name}", {"run_name": pipeline.run_name, "space": params.space,
                                               "storage_root": pipeline.storage_root}) as parent_id:
         prepare_task(pipeline, parent_id)
-        pretrain_task(pipeline, parent_id)
+        if pipeline.cafm.init_checkpoint is None:  # else the trials start from that checkpoint
+            pretrain_task(pipeline, parent_id)
         outputs = sweep_task(params, parent_id)
     print(f"\n{outputs['table']}\n")
     print("ranking (lower is better): " + ", ".join(f"{n} {v:.4g}" for n, v in outputs["ranking"]))

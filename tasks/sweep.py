@@ -29,14 +29,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from cafm_core.checkpoint import model_from_checkpoint, model_to_tensors
 from cafm_core.ema import EMA
-from cafm_core.evaluation import (
-    IMAGE_METRICS,
-    POINT_METRICS,
-    SamplerSetting,
-    TrainingCurve,
-    evaluate_generator,
-    summarise_over_seeds,
-)
+from cafm_core.evaluation import IMAGE_METRICS, POINT_METRICS, SamplerSetting, TrainingCurve, evaluate_generator
 from cafm_core.models import discriminator_from_generator
 from cafm_core.path import TimeSampler
 from cafm_core.training import CAFMConfig, infinite_batches, train_cafm
@@ -47,7 +40,7 @@ from tasks.train import _storage_filesystem
 # what Tune adds to every report (iteration counters, timestamps, host): not ours to log
 _TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"})
 
-__all__ = ["cafm_config", "run_sweep", "summary_rows", "trial_name"]
+__all__ = ["cafm_config", "run_sweep", "trial_name"]
 
 
 def trial_name(index: int, point: Mapping[str, Any]) -> str:
@@ -218,11 +211,3 @@ def _rows_from_report(final: Mapping[str, Any], settings: list[SamplerSetting], 
             if metrics:
                 rows.append({**setting.to_dict(), "seed": seed, **metrics})
     return rows
-
-
-def summary_rows(trials: list[dict], fm_rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Mean ± std over seeds per (trial or FM, setting), in the shape ``format_table`` reads."""
-    rows = [{"model": "FM", **r} for r in fm_rows]
-    for trial in trials:
-        rows += [{"model": trial["name"], **r} for r in trial.get("rows", [])]
-    return summarise_over_seeds(rows, keys)

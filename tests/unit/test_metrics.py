@@ -170,3 +170,13 @@ def test_paired_differences_pair_by_seed_and_ignore_unpaired_rows():
     assert d["diffs"] == pytest.approx([-0.1, -0.3])  # seed order; seed 2 has no FM partner
     assert d["mean"] == pytest.approx(-0.2) and d["std"] == pytest.approx(0.1414, abs=1e-4)
     assert paired_differences(rows, "kid") == []
+
+
+def test_kid_on_the_whole_sets_equals_torchmetrics_unbiased_mmd():
+    from torchmetrics.image.kid import poly_mmd
+
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(200, 16)), rng.normal(0.3, 1.2, size=(200, 16))
+    ours, _ = kernel_inception_distance(real, fake, subset_size=200, num_subsets=1)  # a permutation: same MMD
+    reference = poly_mmd(torch.from_numpy(real), torch.from_numpy(fake), degree=3, gamma=None, coef=1.0)
+    assert ours == pytest.approx(float(reference), rel=1e-9)
