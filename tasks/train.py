@@ -759,7 +759,7 @@ def _train_worker(loop: dict) -> dict:
         row = {"step": done, **row}
         if curve is not None:
             row.update(curve(stage.generator, stage.ema))
-        last_time, last_step = now, done
+        last_time, last_step = time.perf_counter(), done  # the next samples/s leaves the curve's time out
         history.append(row)
         if rank == 0:
             logger.info(_format_row(stage_name, row, steps, start, now - began))
