@@ -233,7 +233,8 @@ class TrainingCurve:
         self.dataset, self.setting, self.num_samples, self.seed, self.device = dataset, setting, num_samples, seed, device
         self.metric = "fd" if dataset.kind == "image" else "sliced_wasserstein"
         self._features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
-        self._real = self._features(dataset.data) if self._features is not None and dataset.kind == "image" else None
+        # the dataset's features, computed once (callers may reuse them, e.g. for the noise floor)
+        self.real_features = self._features(dataset.data) if self._features is not None and dataset.kind == "image" else None
         self._ema_model: nn.Module | None = None
 
     def _value(self, model: nn.Module) -> float:
@@ -245,7 +246,7 @@ class TrainingCurve:
             )
         finally:
             model.train(was_training)
-        metrics = evaluate_samples(samples, self.dataset, features=self._features, real_features=self._real, seed=self.seed)
+        metrics = evaluate_samples(samples, self.dataset, features=self._features, real_features=self.real_features, seed=self.seed)
         return float(metrics[self.metric])
 
     def __call__(self, model: nn.Module, ema: EMA | None = None) -> dict[str, float]:
@@ -299,6 +300,27 @@ def paired_differences(rows: list[dict], metric: str, *, base: str = "FM", other
         result.append({"method": method, "nfe": nfe, "cfg_scale": cfg, "metric": metric, "diffs": diffs,
                        "mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0})
     return result
+
+
+def labels_in_proportion(class_counts: list[int], count: int) -> list[int]:
+    """``count`` conditioning labels in the data's class proportions (largest remainder),
+    classes interleaved so that any prefix is mixed; from the manifest's counts alone."""
+    total = sum(class_counts)
+    quotas = [count * n // total for n in class_counts]
+    by_remainder = sorted(range(len(class_counts)), key=lambda c: (-(count * class_counts[c] % total), c))
+    for c in by_remainder[: count - sum(quotas)]:
+        quotas[c] += 1
+    order = sorted((j / q, c) for c, q in enumerate(quotas) for j in range(q))
+    return [c for _, c in order]
+
+
+def rank_models(summary: list[dict], metric: str) -> list[tuple[str, float]]:
+    """Models (FM and trials) by their metric averaged over the guidance-free settings, best first."""
+    by_model: dict[str, list[float]] = {}
+    for row in summary:
+        if row["cfg_scale"] == 1.0 and metric in row:
+            by_model.setdefault(row["model"], []).append(row[metric])
+    return sorted(((m, statistics.fmean(v)) for m, v in by_model.items()), key=lambda item: item[1])
 
 
 def format_differences(differences: list[dict], *, base: str = "FM", other: str = "CAFM") -> str:

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from cafm_core.evaluation import SamplerSetting
+from cafm_core.evaluation import SamplerSetting, labels_in_proportion
 from cafm_core.features import load_inception_features
 from cafm_core.models import MLPConfig, dit_config
 from cafm_core.plots import training_curves
@@ -109,18 +109,6 @@ def _model_config(params: PipelineParams, manifest: dict) -> dict:
                           prediction=params.model.prediction, time_scale=params.model.time_scale).to_dict()
     return MLPConfig(data_dim=shape[0], hidden_size=params.model.mlp_hidden, depth=params.model.mlp_depth,
                      num_classes=0, prediction=params.model.prediction).to_dict()
-
-
-def sample_labels(class_counts: list[int], count: int) -> list[int]:
-    """``count`` conditioning labels in the data's class proportions (largest remainder),
-    classes interleaved so that any prefix is mixed; from the manifest's counts alone."""
-    total = sum(class_counts)
-    quotas = [count * n // total for n in class_counts]
-    by_remainder = sorted(range(len(class_counts)), key=lambda c: (-(count * class_counts[c] % total), c))
-    for c in by_remainder[: count - sum(quotas)]:
-        quotas[c] += 1
-    order = sorted((j / q, c) for c, q in enumerate(quotas) for j in range(q))
-    return [c for _, c in order]
 
 
 def _settings(params: PipelineParams) -> list[SamplerSetting]:
@@ -222,7 +210,7 @@ def sample_task(params: PipelineParams, parent_run_id: str | None = None) -> dic
     count = params.sampling.num_samples or (manifest["count"] if manifest["kind"] == "image" else 10000)
     labels = None
     if manifest["kind"] == "image" and manifest["num_classes"] > 0 and manifest.get("class_counts"):
-        labels = sample_labels(manifest["class_counts"], count)
+        labels = labels_in_proportion(manifest["class_counts"], count)
     _ray(params)
     start = time.perf_counter()
     layout = generate_sample_shards(run.store, models=models, out_url=run.url("samples", "out"),
@@ -248,8 +236,7 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
                                 settings=_settings(params), seeds=params.eval_seeds, out_url=run.url("eval", "out"),
                                 inception_weights=params.inception_weights)
         for row in result["summary"]:
-            prefix = f"{row['model'].lower()}.nfe{row['nfe']}.cfg{row['cfg_scale']:g}."
-            tracker.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")}, prefix=prefix)
+            tracker.log_summary_row(row, prefix=f"{row['model'].lower()}.")
         tracker.log_text(result["report"], "report.md")
         tracker.log_dict({k: v for k, v in result.items() if k not in ("picture_png", "report")}, "metrics.json")
         tracker.log_image(Image.open(io.BytesIO(result["picture_png"])), "samples.png")
@@ -265,15 +252,17 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
             registered = {"name": params.registered_model, "version": version, "metric": metric, "value": value,
                           "champion": promoted}
     create_markdown_artifact(key="fm-vs-cafm", markdown=result["report"], description="FM vs CAFM at identical sampler settings")
-    picture_url = run.url("eval", "out", "samples.png")
-    if "://" not in picture_url:
-        picture_url = Path(picture_url).resolve().as_uri()
-    create_image_artifact(image_url=picture_url, key="samples", description="FM and CAFM samples beside real data")
+    create_image_artifact(image_url=artifact_url(run.url("eval", "out", "samples.png")), key="samples", description="FM and CAFM samples beside real data")
     return run.complete("eval", {"table": result["table"], "summary": result["summary"],
                                  "report_url": run.url("eval", "out", "report.md"), "registered": registered})
 
 
 # ---------------------------------------------------------------- flows
+
+def artifact_url(url: str) -> str:
+    """A storage URL as Prefect's image artifacts take it (local paths as file:// URIs)."""
+    return url if "://" in url else Path(url).resolve().as_uri()
+
 
 def _check_early(params: PipelineParams) -> None:
     check_reachable(params.storage_root)

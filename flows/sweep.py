@@ -14,8 +14,6 @@ picture of the curves, as Prefect artifacts and under ``<run>/sweep/<name>/`` on
 from __future__ import annotations
 
 import io
-import statistics
-from pathlib import Path
 
 from PIL import Image
 from prefect import flow, get_run_logger, task
@@ -26,15 +24,13 @@ from cafm_core.evaluation import (
     SamplerSetting,
     format_differences,
     format_table,
-    noise_floor,
     paired_differences,
+    rank_models,
     summarise_over_seeds,
 )
-from cafm_core.features import extract_features
 from cafm_core.plots import training_curves
 from flows.params import SweepParams
-from flows.pipeline import Run, StageMismatch, _check_early, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
-from tasks.prepare import load_feature_net, load_prepared
+from flows.pipeline import Run, StageMismatch, _check_early, artifact_url, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
 from tasks.storage import Store
 from tasks.sweep import run_sweep, trial_name
 
@@ -45,15 +41,6 @@ def _trial_specs(params: SweepParams) -> list[dict]:
         config = params.cafm_for(point).core_config(params.pipeline.seed)
         specs.append({"name": trial_name(index, point), "point": point, "config": config})
     return specs
-
-
-def rank_trials(summary: list[dict], metric: str) -> list[tuple[str, float]]:
-    """Models (FM and trials) by their metric averaged over the guidance-free settings, best first."""
-    by_model: dict[str, list[float]] = {}
-    for row in summary:
-        if row["cfg_scale"] == 1.0 and metric in row:
-            by_model.setdefault(row["model"], []).append(row[metric])
-    return sorted(((m, statistics.fmean(v)) for m, v in by_model.items()), key=lambda item: item[1])
 
 
 @task(name="cafm-sweep", cache_policy=NONE)
@@ -84,14 +71,11 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     )
     keys = result["metrics"]
     metric = "fd" if "fd" in keys else "sliced_wasserstein"
-    dataset, manifest = load_prepared(run.store, data_url)
-    feature_net = load_feature_net(run.store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
-    real = extract_features(feature_net, dataset.data) if feature_net is not None else None
-    floor = noise_floor(dataset, feature_net=feature_net, real_features=real, seed=pipeline.eval_seeds[0])
+    floor = result["noise_floor"]
     rows = [{"model": "FM", **r} for r in result["fm_rows"]]
     rows += [{"model": t["name"], **r} for t in result["trials"] for r in t.get("rows", [])]
     summary = summarise_over_seeds(rows, keys)
-    ranking = rank_trials(summary, metric)
+    ranking = rank_models(summary, metric)
     table = format_table(summary, floor, keys)
     failed = [t["name"] for t in result["trials"] if t["error"]]
     points = "\n".join(f"- `{t['name']}`: {t['point']}" + (f" (failed: {t['error'][:200]})" if t["error"] else "")
@@ -100,7 +84,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"])
                        for t in result["trials"] if t.get("rows"))
     report = (
-        f"# CAFM sweep `{params.name}` on {manifest['name']}\n\n{table}\n\n"
+        f"# CAFM sweep `{params.name}` on {result['dataset']}\n\n{table}\n\n"
         f"Ranking by {metric} averaged over the guidance-free settings (lower is better):\n\n{ranked}\n\n"
         f"Each trial against FM, paired by evaluation seed (same noise and labels):\n\n{paired}\n\n"
         f"Trials (all from the FM generator {fm_url}):\n\n{points}\n\n"
@@ -119,8 +103,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
             tracker.log_history(trial["curve"])
             for row in summary:
                 if row["model"] == trial["name"]:
-                    prefix = f"nfe{row['nfe']}.cfg{row['cfg_scale']:g}."
-                    tracker.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")}, prefix=prefix)
+                    tracker.log_summary_row(row)
     tracker.log_text(report, "sweep_report.md")
     tracker.log_image(Image.open(io.BytesIO(picture)), "sweep_curves.png")
 
@@ -130,10 +113,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
                                                              "ranking": ranking})
     create_markdown_artifact(key=f"sweep-{params.name}".lower().replace("_", "-").replace(".", "-"), markdown=report,
                              description="CAFM sweep: FM vs every trial at identical sampler settings")
-    picture_url = Store.join(out_url, "curves.png")
-    if "://" not in picture_url:
-        picture_url = Path(picture_url).resolve().as_uri()
-    create_image_artifact(image_url=picture_url, key="sweep-curves", description="diagnostic curves of every trial")
+    create_image_artifact(image_url=artifact_url(Store.join(out_url, "curves.png")), key="sweep-curves", description="diagnostic curves of every trial")
     outputs = {"report_url": Store.join(out_url, "report.md"), "table": table, "ranking": ranking,
                "best": next((name for name, _ in ranking if name != "FM"), None), "failed": failed}
     if not failed:  # a sweep with failed trials is reported but not marked complete: a rerun retries it

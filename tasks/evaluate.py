@@ -26,7 +26,7 @@ from cafm_core.evaluation import (
 from cafm_core.features import extract_features, load_inception_features
 from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
-from tasks.prepare import load_feature_net, load_prepared
+from tasks.prepare import load_for_evaluation
 from tasks.sampling import read_samples, setting_key
 from tasks.storage import Store
 
@@ -45,9 +45,8 @@ def evaluate_stage(
     With ``inception_weights`` (a local TorchScript Inception-v3 file) each image row also
     gets ``fid_inception``, the standard FID feature space.
     """
-    dataset, manifest = load_prepared(store, data_url)
+    dataset, manifest, feature_net = load_for_evaluation(store, data_url)
     image = dataset.kind == "image"
-    feature_net = load_feature_net(store, data_url) if image and dataset.labels is not None else None
     features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
     real_features = features(dataset.data) if features is not None else None
     inception = load_inception_features(inception_weights) if inception_weights and image else None

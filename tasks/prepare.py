@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import BUILTIN_DATASETS, SYNTHETIC_DATASETS, Dataset, load_builtin, read_image_folder
+from cafm_core.features import DigitFeatureNet
 from tasks.storage import (
     IncompleteOutputError,
     Store,
@@ -515,6 +516,14 @@ def load_feature_net(store: Store, data_url: str):
     model = DigitFeatureNet.from_config(config)
     load_state_dict_checked(model, tensors)
     return model.eval()
+
+
+def load_for_evaluation(store: Store, data_url: str) -> tuple[Dataset, dict, DigitFeatureNet | None]:
+    """The prepared dataset, its manifest and the in-domain feature network (None for
+    low-dimensional or unlabelled data, which are evaluated without one)."""
+    dataset, manifest = load_prepared(store, data_url)
+    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    return dataset, manifest, feature_net
 
 
 def load_reference_stats(store: Store, data_url: str) -> tuple[np.ndarray, np.ndarray]:

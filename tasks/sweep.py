@@ -29,18 +29,24 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from cafm_core.checkpoint import model_from_checkpoint, model_to_tensors
 from cafm_core.ema import EMA
-from cafm_core.evaluation import IMAGE_METRICS, POINT_METRICS, SamplerSetting, TrainingCurve, evaluate_generator
+from cafm_core.evaluation import (
+    IMAGE_METRICS,
+    POINT_METRICS,
+    SamplerSetting,
+    TrainingCurve,
+    evaluate_generator,
+    noise_floor,
+)
 from cafm_core.models import discriminator_from_generator
-from cafm_core.path import TimeSampler
-from cafm_core.training import CAFMConfig, infinite_batches, train_cafm
-from tasks.prepare import load_feature_net, load_prepared
+from cafm_core.training import infinite_batches, train_cafm
+from tasks.prepare import load_for_evaluation
 from tasks.storage import Store
-from tasks.train import _storage_filesystem
+from tasks.train import _storage_filesystem, train_config
 
 # what Tune adds to every report (iteration counters, timestamps, host): not ours to log
 _TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"})
 
-__all__ = ["cafm_config", "run_sweep", "trial_name"]
+__all__ = ["run_sweep", "trial_name"]
 
 
 def trial_name(index: int, point: Mapping[str, Any]) -> str:
@@ -53,18 +59,8 @@ def trial_name(index: int, point: Mapping[str, Any]) -> str:
     return f"t{index:02d}" + (f"-{parts}" if parts else "")
 
 
-def cafm_config(values: Mapping[str, Any]) -> CAFMConfig:
-    """A CAFMConfig from plain fields (``time_sampler`` a dict, ``betas`` a list)."""
-    values = dict(values)
-    if isinstance(values.get("time_sampler"), Mapping):
-        values["time_sampler"] = TimeSampler(**values["time_sampler"])
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    return CAFMConfig(**values)
-
-
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    return {k: float(v) for k, v in metrics.items() if _is_number(v)}
 
 
 def _trial(config: dict, *, spec: dict) -> None:
@@ -76,13 +72,12 @@ def _trial(config: dict, *, spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(trial["config"]["seed"])  # the discriminator head's initialisation
     store = Store(spec["store_root"])
-    dataset, _ = load_prepared(store, spec["data_url"])
-    feature_net = load_feature_net(store, spec["data_url"]) if dataset.kind == "image" and dataset.labels is not None else None
+    dataset, _, feature_net = load_for_evaluation(store, spec["data_url"])
     tensors, model_config, metadata = store.read_checkpoint(spec["fm_url"])
     generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=True)
     discriminator = discriminator_from_generator(generator)
     point = trial["point"]
-    cfg = cafm_config({**trial["config"], "log_every": 1})  # the callback picks the rows it reports
+    cfg = train_config("cafm", {**trial["config"], "log_every": 1})  # the callback picks the rows it reports
     curve = TrainingCurve(dataset, SamplerSetting(**spec["curve_setting"]), feature_net=feature_net,
                           num_samples=spec["curve_samples"], seed=spec["seeds"][0])
     ema = EMA(generator, cfg.ema_decay, warmup=True)
@@ -132,7 +127,8 @@ def run_sweep(
     name: str,
 ) -> dict:
     """Run every trial (``{"name", "point", "config"}``, config: CAFMConfig fields) with Ray
-    Tune; returns each trial's curve and evaluation rows, and the FM generator's rows.
+    Tune; returns each trial's curve and evaluation rows, the FM generator's rows and the
+    noise floor.
 
     Every config is validated (``CAFMConfig``) before Ray starts. The Tune experiment lives
     under ``<out_url>/tune``.
@@ -142,17 +138,18 @@ def run_sweep(
     if not trials:
         raise ValueError("the sweep has no trials")
     for trial in trials:
-        cfg = cafm_config(trial["config"])  # every config validated before compute
+        cfg = train_config("cafm", trial["config"])  # every config validated before compute
         if cfg.warmup_steps >= cfg.steps:
             raise ValueError(f"trial {trial['name']}: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: no generator step")
     if not isinstance(curve_every, int) or curve_every < 1:
         raise ValueError(f"curve_every must be an int >= 1, got {curve_every!r}")
-    dataset, _ = load_prepared(store, data_url)
-    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    dataset, manifest, feature_net = load_for_evaluation(store, data_url)
     tensors, model_config, metadata = store.read_checkpoint(fm_url)
     fm_generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=False)
     fm_rows = evaluate_generator(fm_generator, dataset, settings, feature_net=feature_net, num_samples=num_samples, seeds=seeds)
-    fm_curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])(fm_generator)
+    curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])
+    fm_curve = curve(fm_generator)
+    floor = noise_floor(dataset, feature_net=feature_net, real_features=curve.real_features, seed=seeds[0])
 
     spec = {
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,
@@ -194,8 +191,8 @@ def run_sweep(
             entry["model_url"] = Store.join(out_url, "trials", trial["name"], "model")
         outcomes.append(entry)
     outcomes.sort(key=lambda t: t["name"])
-    return {"trials": outcomes, "fm_rows": fm_rows, "fm_curve": fm_curve, "seconds": seconds,
-            "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS}
+    return {"trials": outcomes, "fm_rows": fm_rows, "fm_curve": fm_curve, "seconds": seconds, "noise_floor": floor,
+            "dataset": manifest["name"], "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS}
 
 
 def _is_number(value: Any) -> bool:

@@ -94,6 +94,13 @@ class Tracker:
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 
+    def log_summary_row(self, row: Mapping, prefix: str = "") -> None:
+        """One evaluation summary row (a model at a sampler setting) as metrics named
+        ``<prefix>nfe<N>.cfg<s>.<metric>``."""
+        setting = f"{prefix}nfe{row['nfe']}.cfg{row['cfg_scale']:g}."
+        self.log_metrics({k: v for k, v in row.items() if k not in ("model", "method", "nfe", "cfg_scale", "seeds")},
+                         prefix=setting)
+
     def log_history(self, rows, prefix: str = "") -> None:
         """Log training rows (each with a ``step``) as metric series."""
         for row in rows:

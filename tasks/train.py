@@ -138,6 +138,7 @@ __all__ = [
     "TRAIN_STATE_FORMAT",
     "ensure_ray",
     "start_cluster",
+    "train_config",
     "worker_cpus",
     "optimizer_state_from_tensors",
     "optimizer_state_to_tensors",
@@ -362,7 +363,9 @@ def _dataclass_from_dict(cls, data: Mapping | None, name: str):
     return cls(**values)
 
 
-def _train_config(stage: str, data: Mapping) -> FlowMatchingConfig | CAFMConfig:
+def train_config(stage: str, data: Mapping) -> FlowMatchingConfig | CAFMConfig:
+    """A ``FlowMatchingConfig`` (``"fm"``) or ``CAFMConfig`` (``"cafm"``) from plain fields
+    (``time_sampler`` a dict, ``betas`` a list), unknown fields refused by name."""
     if stage == "fm":
         return _dataclass_from_dict(FlowMatchingConfig, data, "fm_config")
     return _dataclass_from_dict(CAFMConfig, data, "cafm_config")
@@ -660,12 +663,10 @@ def _duration(seconds: float) -> str:
 def _training_curve(spec: dict, device: torch.device):
     """Rank 0's diagnostic curve (``cafm_core.evaluation.TrainingCurve``) on the prepared data."""
     from cafm_core.evaluation import SamplerSetting, TrainingCurve
-    from tasks.prepare import load_feature_net, load_prepared
+    from tasks.prepare import load_for_evaluation
     from tasks.storage import Store
 
-    store = Store(spec["store_root"])
-    dataset, _ = load_prepared(store, spec["data_url"])
-    feature_net = load_feature_net(store, spec["data_url"]) if dataset.kind == "image" and dataset.labels is not None else None
+    dataset, _, feature_net = load_for_evaluation(Store(spec["store_root"]), spec["data_url"])
     return TrainingCurve(dataset, SamplerSetting(spec["method"], spec["nfe"], 1.0), feature_net=feature_net,
                          num_samples=spec["num_samples"], seed=spec["seed"], device=device)
 
@@ -709,7 +710,7 @@ def _train_worker(loop: dict) -> dict:
         # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker was given instead
         torch.set_num_threads(loop["threads"])
     stage_name = loop["stage"]
-    config = _train_config(stage_name, loop["train_config"])
+    config = train_config(stage_name, loop["train_config"])
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
 
     checkpoint = ray.train.get_checkpoint()  # set after a worker failure or for an existing run dir
@@ -959,7 +960,7 @@ def _run(
     )
     storage_path, run_name, output_dir = str(storage_path), str(run_name), str(output_dir)
     cpus = worker_cpus(num_workers, cpus_per_worker)
-    config = _train_config(stage, train_config)
+    config = train_config(stage, train_config)
     _check_int(f"{'fm' if stage == 'fm' else 'cafm'}_config.log_every", config.log_every, 1)
     init_files = None
     if init_checkpoint is not None:

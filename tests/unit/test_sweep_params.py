@@ -6,9 +6,10 @@ from pydantic import ValidationError
 
 from flows.cli import build_params
 from flows.params import SweepParams
-from flows.sweep import rank_trials
-from tasks.sweep import _rows_from_report, cafm_config, trial_name
+from tasks.sweep import _rows_from_report, trial_name
+from tasks.train import train_config
 from cafm_core.evaluation import SamplerSetting
+from cafm_core.evaluation import rank_models
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_points_cover_the_grid_and_reach_the_time_sampler():
 
 
 def test_trial_configs_become_cafm_configs():
-    config = cafm_config({"steps": 50, "warmup_steps": 10, "betas": [0.0, 0.9], "time_sampler": {"kind": "logit_normal"}})
+    config = train_config("cafm", {"steps": 50, "warmup_steps": 10, "betas": [0.0, 0.9], "time_sampler": {"kind": "logit_normal"}})
     assert config.betas == (0.0, 0.9) and config.time_sampler.kind == "logit_normal"
     assert trial_name(3, {"generator_lr": 3e-5, "time_sampler.kind": "uniform"}) == "t03-generator_lr=3e-05,kind=uniform"
 
@@ -66,15 +67,13 @@ def test_ranking_averages_guidance_free_settings_only():
         {"model": "t00", "nfe": 32, "cfg_scale": 1.0, "fd": 1.1},
         {"model": "t00", "nfe": 32, "cfg_scale": 2.0, "fd": 0.1},  # guided: not counted
     ]
-    assert rank_trials(summary, "fd") == [("t00", pytest.approx(1.45)), ("FM", pytest.approx(1.5))]
+    assert rank_models(summary, "fd") == [("t00", pytest.approx(1.45)), ("FM", pytest.approx(1.5))]
 
 
 def test_parameters_map_onto_the_core_configs_exactly():
-    from tasks.train import _train_config
-
     params = SweepParams().pipeline
-    assert _train_config("fm", params.fm.core_config(7)).seed == 7
-    cafm = _train_config("cafm", params.cafm.core_config(7))
+    assert train_config("fm", params.fm.core_config(7)).seed == 7
+    cafm = train_config("cafm", params.cafm.core_config(7))
     assert cafm.discriminator_steps == params.cafm.discriminator_steps and cafm.seed == 7
     sweep = SweepParams()
-    assert cafm_config(sweep.cafm_for(sweep.points()[-1]).core_config(0)).generator_lr == sweep.points()[-1]["generator_lr"]
+    assert train_config("cafm", sweep.cafm_for(sweep.points()[-1]).core_config(0)).generator_lr == sweep.points()[-1]["generator_lr"]
