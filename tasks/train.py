@@ -936,7 +936,7 @@ def _run(
     sample_shape,
     num_classes: int,
     model_config: dict | None,
-    train_config: dict,
+    config_values: dict,
     init_checkpoint: str | None,
     output_dir: str,
     num_workers: int,
@@ -960,7 +960,7 @@ def _run(
     )
     storage_path, run_name, output_dir = str(storage_path), str(run_name), str(output_dir)
     cpus = worker_cpus(num_workers, cpus_per_worker)
-    config = train_config(stage, train_config)
+    config = train_config(stage, config_values)
     _check_int(f"{'fm' if stage == 'fm' else 'cafm'}_config.log_every", config.log_every, 1)
     init_files = None
     if init_checkpoint is not None:
@@ -1065,7 +1065,7 @@ def run_flow_matching(
     """
     return _run(
         stage="fm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
-        model_config=model_config, train_config=fm_config, init_checkpoint=init_checkpoint,
+        model_config=model_config, config_values=fm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, storage_path=storage_path, run_name=run_name, resume=resume,
     )
@@ -1103,7 +1103,7 @@ def run_cafm(
         raise ValueError("run_cafm needs init_checkpoint: a local directory holding the FM generator")
     return _run(
         stage="cafm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
-        model_config=None, train_config=cafm_config, init_checkpoint=init_checkpoint,
+        model_config=None, config_values=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, storage_path=storage_path, run_name=run_name, resume=resume,
         curve=curve,
