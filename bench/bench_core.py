@@ -115,17 +115,24 @@ def main(argv: list[str] | None = None) -> dict:
     mode_agreement = float((forward_logits - reverse_logits).norm() / reverse_logits.norm())
 
     times: dict[str, list[float]] = {k: [] for k in kinds}
-    with autocast():
-        for step in kinds.values():  # warm-up
+
+    def run(step) -> None:
+        # autocast per step, as training does (cafm_core.training.step_precision): its weight
+        # cast cache lives until the context exits, so one context around many steps would
+        # skip the per-step casts and run stale weights
+        with autocast():
             step()
-        for _ in range(args.rounds):
-            for name, step in kinds.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(args.steps_per_round):
-                    step()
-                _sync(device)
-                times[name].append((time.perf_counter() - start) / args.steps_per_round)
+
+    for step in kinds.values():  # warm-up
+        run(step)
+    for _ in range(args.rounds):
+        for name, step in kinds.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                run(step)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / args.steps_per_round)
     median = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: median[k] / median["fm"] for k in kinds if k != "fm"}
 

@@ -16,7 +16,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from cafm_core.evaluation import (
 )
 from cafm_core.features import train_feature_network
 from cafm_core.logits import LOGIT_MODES
-from cafm_core.models import MLPConfig, build_generator, discriminator_from_generator, dit_config
+from cafm_core.models import DIT_PRESETS, MLPConfig, build_generator, discriminator_from_generator, dit_config
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from cafm_core.training import CAFMConfig, FlowMatchingConfig, infinite_batches, train_cafm, train_flow_matching
 
@@ -55,6 +55,9 @@ PROFILES = {
     "default": DemoProfile(fm_steps=2000, cafm_steps=1000, warmup_steps=200, eval_samples=None, feature_steps=400),
     "smoke": DemoProfile(fm_steps=150, cafm_steps=60, warmup_steps=20, eval_samples=256, feature_steps=100),
 }
+
+
+TRAIN_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _progress(stage: str, total: int):
@@ -79,15 +82,34 @@ def run_demo(
     device: str = "cpu",
     fm_steps: int | None = None,
     cafm_steps: int | None = None,
+    preset: str = "tiny",
+    batch_size: int | None = None,
+    dtype: str = "float32",
+    fm_overrides: dict | None = None,
+    cafm_overrides: dict | None = None,
+    eval_seeds: tuple[int, ...] | None = None,
+    feature_seed: int | None = None,
 ) -> dict:
-    """Run the whole demo and return the metrics (also written to ``output``)."""
+    """Run the whole demo and return the metrics (also written to ``output``).
+
+    ``preset`` (DiT size), ``batch_size`` (both stages), ``fm_overrides`` / ``cafm_overrides``
+    (``FlowMatchingConfig`` / ``CAFMConfig`` fields) and ``dtype`` (``"bfloat16"``: training
+    under ``torch.autocast``; sampling and evaluation stay in float32) scale the demo up, e.g.
+    on a GPU (``bench/evidence_gpu.py``). ``eval_seeds`` are the sampling seeds (default:
+    ``seed``); ``feature_seed`` seeds the feature network (default: ``seed``), so that runs of
+    several training seeds can share one metric.
+    """
     if dataset_name not in BUILTIN_DATASETS:
         raise CAFMInputError(f"unknown dataset {dataset_name!r}; expected one of {list(BUILTIN_DATASETS)}")
     if profile not in PROFILES:
         raise CAFMInputError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
     if logit_mode not in LOGIT_MODES:
         raise CAFMInputError(f"unknown logit mode {logit_mode!r}; expected one of {list(LOGIT_MODES)}")
+    if dtype not in TRAIN_DTYPES:
+        raise CAFMInputError(f"unknown dtype {dtype!r}; expected one of {list(TRAIN_DTYPES)}")
     settings = [SamplerSetting("heun", nfe, 1.0) for nfe in nfes]  # validates the NFEs before any compute
+    eval_seeds = tuple(eval_seeds) if eval_seeds is not None else (seed,)
+    feature_seed = seed if feature_seed is None else feature_seed
     chosen = PROFILES[profile]
     chosen = replace(chosen, fm_steps=fm_steps or chosen.fm_steps, cafm_steps=cafm_steps or chosen.cafm_steps)
     output = Path(output)
@@ -99,7 +121,7 @@ def run_demo(
     image = dataset.kind == "image"
     print(f"dataset {dataset_name}: {tuple(dataset.data.shape)}, {dataset.num_classes} classes", flush=True)
     if image:
-        model_config = dit_config("tiny", image_size=dataset.data.shape[-1], in_channels=dataset.data.shape[1],
+        model_config = dit_config(preset, image_size=dataset.data.shape[-1], in_channels=dataset.data.shape[1],
                                   num_classes=dataset.num_classes)
         fm_config = FlowMatchingConfig(steps=chosen.fm_steps, batch_size=128, lr=1e-3, seed=seed, log_every=max(1, chosen.fm_steps // 10))
         cafm_config = CAFMConfig(steps=chosen.cafm_steps, batch_size=128, generator_lr=1e-5, discriminator_lr=1e-4,
@@ -112,11 +134,18 @@ def run_demo(
         cafm_config = CAFMConfig(steps=chosen.cafm_steps, batch_size=256, generator_lr=1e-4, discriminator_lr=1e-3,
                                  discriminator_steps=4, warmup_steps=chosen.warmup_steps, logit_mode=logit_mode,
                                  seed=seed, log_every=max(1, chosen.cafm_steps // 10))
+    for name, config, overrides in (("fm", fm_config, fm_overrides), ("cafm", cafm_config, cafm_overrides)):
+        unknown = sorted(set(overrides or {}) - {f.name for f in fields(config)})
+        if unknown:
+            raise CAFMInputError(f"unknown {name} config fields {unknown}; expected fields of {type(config).__name__}")
+    scale = {"batch_size": batch_size} if batch_size else {}
+    fm_config = replace(fm_config, **{**scale, **(fm_overrides or {})})
+    cafm_config = replace(cafm_config, **{**scale, **(cafm_overrides or {})})
 
     feature_net = None
     if image:
         print("in-domain feature network (classifier on the real data)", flush=True)
-        feature_net, feature_report = train_feature_network(dataset, steps=chosen.feature_steps, seed=seed)
+        feature_net, feature_report = train_feature_network(dataset, steps=chosen.feature_steps, seed=feature_seed)
         print(f"  val accuracy {feature_report['val_accuracy']:.3f}", flush=True)
 
     train_labels = dataset.labels if model_config.num_classes > 0 else None
@@ -125,7 +154,7 @@ def run_demo(
     fm_ema = EMA(generator, decay=fm_config.ema_decay, warmup=True)
     print(f"FM pretraining: {fm_config.steps} steps", flush=True)
     fm_result = train_flow_matching(generator, batches, fm_config, ema=fm_ema, device=device,
-                                    callback=_progress("FM", fm_config.steps))
+                                    callback=_progress("FM", fm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
     fm_ema.copy_to(generator)  # the pretrained generator is the EMA
     save_model(output / "fm", generator, metadata={"stage": "fm", **fm_config.to_dict()})
     fm_model = copy.deepcopy(generator)
@@ -136,7 +165,7 @@ def run_demo(
           f"N={cafm_config.discriminator_steps}, {cafm_config.num_generator_steps} G steps, {logit_mode} logits)", flush=True)
     cafm_batches = infinite_batches(dataset.data, train_labels, cafm_config.batch_size, seed=seed + 1)
     cafm_result = train_cafm(generator, discriminator, cafm_batches, cafm_config, ema=cafm_ema, device=device,
-                             callback=_progress("CAFM", cafm_config.steps))
+                             callback=_progress("CAFM", cafm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
     cafm_ema.copy_to(generator)
     save_model(output / "cafm", generator, metadata={"stage": "cafm", **cafm_config.to_dict()})
 
@@ -144,9 +173,9 @@ def run_demo(
     eval_samples = chosen.eval_samples or (None if image else 10000)
     rows = []
     for name, model in (("FM", fm_model), ("CAFM", generator)):
-        for row in evaluate_generator(model, dataset, settings, feature_net=feature_net, num_samples=eval_samples, seeds=(seed,), device=device):
+        for row in evaluate_generator(model, dataset, settings, feature_net=feature_net, num_samples=eval_samples, seeds=eval_seeds, device=device):
             rows.append({"model": name, **row})
-    floor = noise_floor(dataset, feature_net=feature_net, seed=seed)
+    floor = noise_floor(dataset, feature_net=feature_net, seed=feature_seed)
     keys = IMAGE_METRICS if image else POINT_METRICS
     table = format_table(summarise_over_seeds(rows, keys), floor, keys)
 
@@ -172,6 +201,11 @@ def run_demo(
         "dataset": dataset_name,
         "profile": profile,
         "model": model_config.to_dict(),
+        "device": str(device),
+        "dtype": dtype,
+        "eval_seeds": list(eval_seeds),
+        "feature_seed": feature_seed,
+        "feature_val_accuracy": feature_report["val_accuracy"] if feature_net is not None else None,
         "fm": {"config": fm_config.to_dict(), "seconds": fm_result.seconds, "final": fm_result.history[-1]},
         "cafm": {"config": cafm_config.to_dict(), "seconds": cafm_result.seconds, "final": cafm_result.history[-1],
                  "generator_steps": cafm_config.num_generator_steps},
@@ -200,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cafm-steps", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="tiny", choices=sorted(DIT_PRESETS), help="DiT size (image sets)")
+    parser.add_argument("--batch", type=int, help="batch size of both stages (default: the profile's)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(TRAIN_DTYPES), help="training precision (autocast)")
     args = parser.parse_args(argv)
     try:
         run_demo(args.dataset, profile=args.profile, output=args.output, logit_mode=args.logit_mode,
                  nfes=tuple(args.nfe), seed=args.seed, device=args.device,
-                 fm_steps=args.fm_steps, cafm_steps=args.cafm_steps)
+                 fm_steps=args.fm_steps, cafm_steps=args.cafm_steps, preset=args.preset,
+                 batch_size=args.batch, dtype=args.dtype)
     except CAFMInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

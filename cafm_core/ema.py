@@ -84,13 +84,19 @@ class EMA:
         """Move the shadow towards ``module``'s current weights by ``1 - decay``."""
         current = self._current(module)
         decay = self.current_decay
+        floating, values = [], []
         for name, shadow in self.shadow.items():
             value = current[name].to(shadow.device)
             if shadow.is_floating_point():
-                # two rounded products then a sum: exactly decay*old + (1-decay)*new in float32
-                shadow.mul_(decay).add_(value.float() * (1.0 - decay))
+                floating.append(shadow)
+                values.append(value.float())
             else:
                 shadow.copy_(value)
+        if floating:
+            # two rounded products then a sum: exactly decay*old + (1-decay)*new in float32,
+            # as multi-tensor kernels (a few launches instead of three per tensor on a GPU)
+            torch._foreach_mul_(floating, decay)
+            torch._foreach_add_(floating, torch._foreach_mul(values, 1.0 - decay))
         self.num_updates += 1
 
     @torch.no_grad()

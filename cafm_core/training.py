@@ -7,6 +7,7 @@ its own batch; in a CAFM step exactly one network receives gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +289,18 @@ def _log(history, callback, step, metrics, log_every, last_step) -> None:
             callback(step, row)
 
 
+def step_precision(device: str | torch.device, dtype: torch.dtype | None):
+    """Autocast for ONE training step (``dtype`` None: full precision).
+
+    Enter it per step, never around a whole loop: autocast caches the low-precision copies
+    of the weights until its outermost context exits, so a loop inside one context keeps
+    running the first step's weights while the optimiser updates the float32 ones (the
+    model then never learns)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def train_flow_matching(
     model: nn.Module,
     batches: Iterator[Batch],
@@ -296,8 +309,10 @@ def train_flow_matching(
     ema: EMA | None = None,
     device: str | torch.device = "cpu",
     callback: Callback | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainingResult:
-    """Plain FM loop: ``config.steps`` steps, EMA after every step, metrics every ``log_every``."""
+    """Plain FM loop: ``config.steps`` steps, EMA after every step, metrics every ``log_every``.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): mixed precision, entered per step."""
     model.train()
     optimizer = adam(model.parameters(), config.lr, config.betas, config.weight_decay)
     rng = torch.Generator(device=device).manual_seed(config.seed)
@@ -305,9 +320,10 @@ def train_flow_matching(
     start = time.perf_counter()
     for step in range(config.steps):
         x0, labels = next(batches)
-        metrics = flow_matching_step(
-            model, optimizer, (x0.to(device), None if labels is None else labels.to(device)), config, generator=rng
-        )
+        with step_precision(device, autocast_dtype):
+            metrics = flow_matching_step(
+                model, optimizer, (x0.to(device), None if labels is None else labels.to(device)), config, generator=rng
+            )
         if not math.isfinite(metrics["fm_loss"]):
             raise FloatingPointError(f"FM loss became {metrics['fm_loss']} at step {step}")
         if ema is not None:
@@ -325,8 +341,10 @@ def train_cafm(
     ema: EMA | None = None,
     device: str | torch.device = "cpu",
     callback: Callback | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainingResult:
-    """Plain CAFM loop: D-only warmup, then ``N`` D steps per G step; EMA on G steps only."""
+    """Plain CAFM loop: D-only warmup, then ``N`` D steps per G step; EMA on G steps only.
+    ``autocast_dtype``: mixed precision, entered per step (see :func:`step_precision`)."""
     generator_model.train()
     discriminator.train()
     d_logits = DiscriminatorLogits(discriminator, mode=config.logit_mode)
@@ -339,7 +357,8 @@ def train_cafm(
     for step in range(config.steps):
         x0, labels = next(batches)
         batch = (x0.to(device), None if labels is None else labels.to(device))
-        metrics = cafm_step(step, generator_model, d_logits, g_optimizer, d_optimizer, batch, config, ema=ema, generator=rng)
+        with step_precision(device, autocast_dtype):
+            metrics = cafm_step(step, generator_model, d_logits, g_optimizer, d_optimizer, batch, config, ema=ema, generator=rng)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"CAFM step {step}: non-finite {bad}: {metrics}")

@@ -128,3 +128,20 @@ def test_fm_step_on_images_reduces_loss_on_a_fixed_batch():
         for _ in range(15)
     ]
     assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_training_updates_the_weights_it_runs():
+    """Mixed precision is entered per step. Wrapped around the whole loop, autocast keeps the
+    first step's bf16 copies of the weights (its cast cache) while the optimiser updates the
+    float32 ones: the loss then stays flat (measured: last/first ratio 0.97 vs 0.78 per step)."""
+    _, generator, _ = tiny_dit_pair(dtype=torch.float32)
+    x0, _, y = image_batch(32, dtype=torch.float32)
+
+    def fixed_batch():
+        while True:
+            yield x0, y
+
+    config = FlowMatchingConfig(steps=40, lr=1e-3, log_every=1)
+    result = train_flow_matching(generator, fixed_batch(), config, autocast_dtype=torch.bfloat16)
+    losses = [row["fm_loss"] for row in result.history]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
