@@ -155,6 +155,9 @@ class StackConfig:
             "PREFECT_API_URL": self.prefect_api,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "RAY_ADDRESS": self.ray_address,
+            # Ray's gRPC ports listen on every interface; the cluster token (~/.ray/auth_token,
+            # made by `ray start`) keeps other hosts out, and clients must be told to send it.
+            "RAY_AUTH_MODE": "token",
             "AWS_ENDPOINT_URL": self.s3_url,
             "CAFM_STORAGE_ROOT": self.storage_root,
             "CAFM_WORK_POOL": self.work_pool,
@@ -192,8 +195,12 @@ def api_json(url: str, body: dict | None = None, timeout: float = 10.0):
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
                                      headers={"Content-Type": "application/json"})
-    with opener.open(request, timeout=timeout) as response:
-        return json.loads(response.read().decode() or "null")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return json.loads(response.read().decode() or "null")
+    except urllib.error.HTTPError as exc:  # keep the server's explanation in the message
+        detail = exc.read().decode(errors="replace")[:2000]
+        raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
 
 
 def _worker_online(config: StackConfig) -> bool:
@@ -559,4 +566,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from infra.stack import main as _main  # the importable module's classes, not __main__'s copies
+
+    sys.exit(_main())
