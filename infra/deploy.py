@@ -107,12 +107,19 @@ def preflight(prefect_file: str | Path, env: dict[str, str]) -> list[dict]:
     return deployments
 
 
-def deploy(config: StackConfig, prefect_file: str | Path, echo=print) -> None:
-    """Preflight, then ``prefect --no-prompt deploy --all`` from the file's folder."""
+def deploy_env(config: StackConfig, *, caller_wins: bool = True) -> dict[str, str]:
+    """The variables ``prefect deploy`` and the checks run with: the stack's addresses and the
+    environment's S3 keys; with ``caller_wins``, a server or pool the caller set wins."""
     env = {**_s3_credentials(config), **config.client_env()}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CAFM_STORAGE_ROOT", "CAFM_WORK_POOL"):
-        if os.environ.get(key):  # the caller's own server/pool wins over the local stack's
-            env[key] = os.environ[key]
+    if caller_wins:
+        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CAFM_STORAGE_ROOT", "CAFM_WORK_POOL"):
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+    return env
+
+
+def deploy(env: dict[str, str], prefect_file: str | Path, echo=print) -> list[dict]:
+    """Preflight, then ``prefect --no-prompt deploy --all`` from the file's folder."""
     deployments = preflight(prefect_file, env)
     path = Path(prefect_file).resolve()
     result = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
@@ -121,3 +128,4 @@ def deploy(config: StackConfig, prefect_file: str | Path, echo=print) -> None:
         raise StackError(f"prefect deploy failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     names = ", ".join(d["name"] for d in deployments)
     echo(f"deployed {len(deployments)} deployments ({names}) to {env['PREFECT_API_URL']}")
+    return deployments

@@ -189,26 +189,39 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def api_json(url: str, body: dict | None = None, timeout: float = 10.0):
-    """GET (or POST ``body`` to) a JSON API on loopback."""
+def api_json(url: str, body: dict | None = None, timeout: float = 10.0, method: str | None = None):
+    """GET (or POST ``body`` to, or ``method``) a JSON API on loopback."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"),
                                      headers={"Content-Type": "application/json"})
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return json.loads(response.read().decode() or "null")
-    except urllib.error.HTTPError as exc:  # keep the server's explanation in the message
-        detail = exc.read().decode(errors="replace")[:2000]
-        raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
+    for attempt in range(4):
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                return json.loads(response.read().decode() or "null")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503 and attempt < 3:  # Prefect on SQLite answers 503 while the database is locked
+                time.sleep(1.0 + attempt)
+                continue
+            detail = exc.read().decode(errors="replace")[:2000]  # keep the server's explanation
+            raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
 
 
-def _worker_online(config: StackConfig) -> bool:
+def _worker_online(config: StackConfig, since: float | None = None) -> bool:
+    """The stack's worker is ONLINE on its pool (with a heartbeat after ``since``, epoch s)."""
+    from datetime import datetime
+
     try:
         workers = api_json(f"{config.prefect_api}/work_pools/{config.work_pool}/workers/filter", {})
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return any(w.get("status") == "ONLINE" for w in workers or [])
+    for worker in workers or []:
+        if worker.get("name") != f"cafm-worker-{config.stack_id}" or worker.get("status") != "ONLINE":
+            continue
+        beat = worker.get("last_heartbeat_time")
+        if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp() >= since):
+            return True
+    return False
 
 
 def healthy(config: StackConfig, service: str) -> bool:
@@ -439,9 +452,9 @@ class Stack:
         return child.pid
 
     def _wait_healthy(self, service: str, pid: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        deadline, started = time.monotonic() + timeout_s, time.time() - 1.0
         while time.monotonic() < deadline:
-            if healthy(self.config, service):
+            if _worker_online(self.config, since=started) if service == "worker" else healthy(self.config, service):
                 return
             if not _alive(pid):
                 raise StackError(f"{service} exited during start-up; see {self.logs / (service + '.log')}:\n"
@@ -556,9 +569,9 @@ def main(argv: list[str] | None = None) -> int:
             for service in [args.service] if args.service else stack.services():
                 print(f"==> {service} ({stack.logs / (service + '.log')})\n{tail(stack.logs / f'{service}.log', args.lines)}")
         elif args.command == "deploy":
-            from infra.deploy import deploy
+            from infra.deploy import deploy, deploy_env
 
-            deploy(stack.config, args.file)
+            deploy(deploy_env(stack.config), args.file)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
