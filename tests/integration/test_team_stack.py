@@ -10,6 +10,7 @@ share the module's stack. About 5-8 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -105,6 +106,9 @@ def _trigger(stack: Stack, deployment: str, parameters: dict, timeout_s: float =
 
 def _artifacts(stack: Stack, run_id: str) -> dict[str, dict]:
     found = api_json(f"{stack.config.prefect_api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    for artifact in found:
+        if artifact["type"] == "table" and isinstance(artifact["data"], str):
+            artifact["data"] = json.loads(artifact["data"])
     return {a["key"]: a for a in found}
 
 
