@@ -401,14 +401,15 @@ class Stack:
                              f"set {var} to a free port (or 'auto'), or stop that program")
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        from tasks._offline import OFFLINE_DEFAULTS  # telemetry off in every service
+
+        env = {**OFFLINE_DEFAULTS, **os.environ}
         env.update(_s3_credentials(self.config))
         env.update(self.config.client_env())
         env.update({
             "CAFM_STACK_ID": self.config.stack_id,
             "PREFECT_HOME": str(self.home / "prefect"),
             "PREFECT_SERVER_API_HOST": HOST,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
             "RAY_USAGE_STATS_ENABLED": "0",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no GenAI job consumers
