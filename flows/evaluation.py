@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from cafm_core.evaluation import ChampionDecision, SamplerSetting, decide_promotion
 from flows.params import ModelEvaluationParams
 from tasks.model_eval import alias_versions, evaluate_version, evaluation_fingerprint, trend
+from tasks.secrets import load_secret_blocks
 from tasks.storage import Store, check_reachable
 from tasks.tracking import Tracker, default_tracking_uri
 
@@ -70,6 +71,7 @@ def _report(params: ModelEvaluationParams, roles: dict[str, str], results: dict[
 def evaluate_registered(params: ModelEvaluationParams = ModelEvaluationParams()) -> dict:
     """Evaluate champion and candidate on the held set, publish the trend, promote or fail."""
     logger = get_run_logger()
+    load_secret_blocks()  # credentials named in CAFM_SECRET_BLOCKS
     check_reachable_data(params.data_url)
     tracker = Tracker(params.tracking_uri or default_tracking_uri("outputs"), params.experiment)
     roles = alias_versions(tracker, params.registered_model)

@@ -211,8 +211,8 @@ def _register_degraded_copy(stack: Stack, tmp_path: Path) -> str:
     from cafm_core.checkpoint import load_checkpoint, save_checkpoint
     from tasks.tracking import Tracker
 
-    local = Path(mlflow.artifacts.download_artifacts("models:/cafm-generator/1", dst_path=str(tmp_path / "v1"),
-                                                     tracking_uri=stack.config.mlflow_url))
+    mlflow.set_tracking_uri(stack.config.mlflow_url)  # the model registry too
+    local = Path(mlflow.artifacts.download_artifacts("models:/cafm-generator/1", dst_path=str(tmp_path / "v1")))
     checkpoint = next(local.rglob("checkpoint.json")).parent
     tensors, config, metadata = load_checkpoint(checkpoint)
     generator = torch.Generator().manual_seed(0)
