@@ -284,39 +284,73 @@ def _browser():
     return driver, profile
 
 
-def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stack, pipeline_run):
+def _click(driver, xpath: str, timeout_s: float = 30) -> None:
+    """Click the element at ``xpath`` once it is clickable (the UI re-renders while loading)."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            WebDriverWait(driver, 5).until(expected_conditions.element_to_be_clickable((By.XPATH, xpath))).click()
+            return
+        except (StaleElementReferenceException, ElementClickInterceptedException, TimeoutException):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing clickable at {xpath} after {timeout_s:.0f}s on {driver.current_url}") from None
+            time.sleep(0.5)
+
+
+def _page_text(driver) -> str:
+    return driver.execute_script("return document.body.innerText")
+
+
+def quick_run_from_ui(driver, ui_url: str, deployment: str) -> None:
+    """Deployments -> the deployment -> Run -> Quick run, as a user clicks it."""
+    driver.get(f"{ui_url}/deployments")
+    _click(driver, f"//a[normalize-space(.)='{deployment}']")
+    _click(driver, "//button[normalize-space(.)='Run']")
+    _click(driver, "//button[contains(@class, 'p-overflow-menu-item')][contains(., 'Quick run')]")
+
+
+def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stack, pipeline_run):
     api = stack.config.prefect_api
     deployment = _deployment(stack, "model-evaluation/scheduled")
     # the operator sets the deployment's parameters (as "Edit" in the UI does) to the e2e held set
     api_json(f"{api}/deployments/{deployment['id']}", {"parameters": {"params": _eval_params(stack.config.storage_root)}},
              method="PATCH")
-    before = {r["id"] for r in api_json(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})}
+    runs_filter = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+    before = {r["id"] for r in api_json(f"{api}/flow_runs/filter", runs_filter)}
+    evaluations_before = len(_evaluation_runs(stack))
     driver, profile = _browser()
     try:
-        driver.get(f"{stack.config.prefect_ui}/deployments")
-        driver.find_element(By.LINK_TEXT, "scheduled").click()
-        [run_button] = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Run"]
-        run_button.click()
-        driver.find_element(By.XPATH, '//button[contains(., "Quick run")]').click()
+        quick_run_from_ui(driver, stack.config.prefect_ui, "scheduled")
         deadline, new = time.monotonic() + 30, []
         while not new and time.monotonic() < deadline:
-            runs = api_json(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
-            new = [r for r in runs if r["id"] not in before and not r.get("auto_scheduled")]
+            new = [r for r in api_json(f"{api}/flow_runs/filter", runs_filter)
+                   if r["id"] not in before and not r.get("auto_scheduled")]
             time.sleep(1)
         assert len(new) == 1, f"the UI's Quick run created no flow run (new: {new})"
         run = _wait(stack, new[0]["id"], timeout_s=300)
         assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert len(_evaluation_runs(stack)) == evaluations_before  # same versions again: nothing new logged
 
-        driver.get(f"{stack.config.prefect_ui}/runs/flow-run/{run['id']}?tab=Artifacts")
+        driver.get(f"{stack.config.prefect_ui}/runs/flow-run/{run['id']}")
         deadline = time.monotonic() + 30
-        while "Completed" not in driver.find_element(By.TAG_NAME, "body").text and time.monotonic() < deadline:
+        while "Completed" not in _page_text(driver) and time.monotonic() < deadline:
             time.sleep(1)
-        body = driver.find_element(By.TAG_NAME, "body").text
-        assert "Completed" in body and run["name"] in body
-        assert "model-trend" in body or "model-evaluation" in body, body[-1500:]
-        time.sleep(2)  # let the artifact cards render before the picture
+        assert "Completed" in _page_text(driver) and run["name"] in _page_text(driver)
+        _click(driver, "//li[contains(@class, 'p-tab')][normalize-space(.)='Artifacts']")
+        deadline = time.monotonic() + 30
+        while "model-trend" not in _page_text(driver) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "model-trend" in _page_text(driver) and "model-evaluation" in _page_text(driver)
+        time.sleep(1)  # let the cards finish rendering before the picture
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         picture = SCREENSHOT_DIR / "prefect-ui-evaluation-run.png"
         assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
