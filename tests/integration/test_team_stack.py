@@ -380,6 +380,15 @@ def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s
     with pytest.raises(StackError, match=r"deployment main .*invalid parameters.*steps"):
         preflight(invalid, env)
 
+    # the server itself refuses an invalid parameter set, before any run exists (what the UI shows)
+    import urllib.error
+
+    dep = _deployment(stack, "cafm-pipeline/main")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api_json(f"{stack.config.prefect_api}/deployments/{dep['id']}/create_flow_run",
+                 {"parameters": {"params": {"fm": {"steps": 0}}}})
+    assert refused.value.code in (409, 422) and "steps" in str(refused.value.reason), refused.value.reason
+
     bucket, key_id, _ = s3_auth_enforced  # a server that checks keys: a wrong secret is refused
     wrong = {**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": key_id,
              "AWS_SECRET_ACCESS_KEY": "wrong-secret", "CAFM_STORAGE_ROOT": f"{bucket}/runs"}
