@@ -377,7 +377,7 @@ def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s
     invalid.write_text(yaml_file.read_text().replace("storage_root:", "fm: {steps: 0}\n        storage_root:"))
     for name in ("flows", "tasks", "cafm_core"):
         (tmp_path / name).symlink_to(REPO / name)
-    with pytest.raises(StackError, match=r"deployment main .*invalid parameters.*steps"):
+    with pytest.raises(StackError, match=r"(?s)deployment main .*invalid parameters.*params\.fm\.steps: Input should be greater than or equal to 1"):
         preflight(invalid, env)
 
     # the server itself refuses an invalid parameter set, before any run exists (what the UI shows)
