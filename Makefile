@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run smoke demo test unit bench clean
+.PHONY: setup run smoke demo test unit bench clean browser stack-up stack-down stack-status deploy e2e
 
 setup: $(STAMP)
 
@@ -27,8 +27,30 @@ smoke: setup        ## the same pipeline stages with few steps
 demo: setup         ## the core demo: cafm_core alone, no services
 	$(VENV)/bin/cafm-demo $(ARGS)
 
-test: setup         ## the test suite CI runs (unit + integration with real services on loopback)
-	$(PY) -m pytest -q $(ARGS)
+test: setup browser ## the test suite CI runs (unit + integration with real services on loopback)
+	$(PY) -m pytest -q -rs $(ARGS)
+
+e2e: setup browser  ## the team stack end to end: stack, deployments, worker runs, Prefect UI in headless Chromium
+	$(PY) -m pytest -q -rs -s tests/integration/test_team_stack.py $(ARGS)
+
+# Headless Chromium for the Prefect UI test: the Debian packages, installed once (root or sudo).
+SUDO ?= $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium: installed"; \
+	else $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver \
+	  || echo "warning: could not install chromium/chromium-driver; the Prefect UI test will be skipped and say why"; fi
+
+stack-up: setup     ## the local team stack on 127.0.0.1 (docs/operations.md)
+	$(PY) -m infra.stack up
+
+stack-status: setup
+	$(PY) -m infra.stack status
+
+deploy: setup       ## preflight checks, then `prefect deploy --all` against the stack
+	$(PY) -m infra.stack deploy
+
+stack-down: setup
+	$(PY) -m infra.stack down
 
 unit: setup
 	$(PY) -m pytest -q tests/unit $(ARGS)

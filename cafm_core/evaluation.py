@@ -352,3 +352,47 @@ def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str
         cells = [f"{metrics[k]:.4g}" if k in metrics else "" for k in keys]
         lines.append(f"| real vs real ({name}) | noise floor | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "class_accuracy", "on_manifold_fraction", "modes_hit"})
+"""Metrics where a larger value is better; every other metric is a distance (smaller is better)."""
+
+
+def relative_worsening(metric: str, reference: float, value: float) -> float:
+    """How much worse ``value`` is than ``reference`` as a fraction of ``|reference|``
+    (negative: better). A zero reference counts any worsening as infinite."""
+    worse = (reference - value) if metric in HIGHER_IS_BETTER else (value - reference)
+    if reference == 0:
+        return 0.0 if worse == 0 else (float("inf") if worse > 0 else float("-inf"))
+    return worse / abs(reference)
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """The outcome of comparing a candidate generator with the champion on one evaluation set."""
+
+    promote: bool
+    regressions: tuple[dict, ...]  # {"metric", "champion", "candidate", "worsening"} past the threshold
+    changes: tuple[dict, ...]  # the same for every watched metric
+
+    def describe(self, threshold: float) -> str:
+        lines = [f"{c['metric']}: champion {c['champion']:.4g}, candidate {c['candidate']:.4g} "
+                 f"({c['worsening']:+.1%} worse)" for c in self.regressions]
+        return f"candidate regresses past the threshold of {threshold:.1%}: " + "; ".join(lines)
+
+
+def decide_promotion(
+    champion: dict[str, float], candidate: dict[str, float], *, primary: str, watched: Sequence[str], max_regression: float
+) -> ChampionDecision:
+    """Promote the candidate when it is strictly better on ``primary`` and no ``watched``
+    metric is worse than the champion's by more than ``max_regression`` (relative)."""
+    if max_regression < 0:
+        raise CAFMInputError(f"max_regression must be >= 0, got {max_regression}")
+    missing = [m for m in (primary, *watched) if m not in champion or m not in candidate]
+    if missing:
+        raise CAFMInputError(f"metrics {sorted(set(missing))} are missing from the evaluation (have {sorted(candidate)})")
+    changes = tuple({"metric": m, "champion": champion[m], "candidate": candidate[m],
+                     "worsening": relative_worsening(m, champion[m], candidate[m])} for m in watched)
+    regressions = tuple(c for c in changes if c["worsening"] > max_regression)
+    better = relative_worsening(primary, champion[primary], candidate[primary]) < 0
+    return ChampionDecision(promote=better and not regressions, regressions=regressions, changes=changes)

@@ -178,6 +178,30 @@ def smoke_params(**overrides) -> PipelineParams:
 PROFILES = {"default": PipelineParams, "smoke": smoke_params}
 
 
+_EVALUATION_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy", "sliced_wasserstein",
+                       "on_manifold_fraction", "off_manifold_fraction", "modes_hit")
+
+
+class ModelEvaluationParams(_Params):
+    """The scheduled evaluation of the registered ``champion`` and ``candidate`` generators on
+    a held evaluation set. Credentials are not parameters (environment, as for the pipeline)."""
+
+    registered_model: str = Field("cafm-generator", min_length=1, description="MLflow registered model name")
+    data_url: str = Field("outputs/runs/digits/data/out", min_length=1,
+                          description="the held evaluation set: a prepared dataset (a pipeline run's data/out folder, "
+                                      "local or s3://); keep it fixed so the trend compares like with like")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local SQLite store")
+    experiment: str = Field("cafm-model-evaluation", min_length=1)
+    sampling: SamplingParams = SamplingParams(nfes=[8, 32])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="sampling seeds: mean over them")
+    primary_metric: Literal[_EVALUATION_METRICS] = Field("fd", description="promotion needs a strictly better value of this")
+    watched_metrics: list[Literal[_EVALUATION_METRICS]] = Field(
+        default_factory=lambda: ["fd", "class_accuracy"], min_length=1,
+        description="metrics checked for regression of the candidate against the champion")
+    max_regression: float = Field(0.10, ge=0, le=10,
+                                  description="relative worsening of a watched metric that fails the run (0.1 = 10%)")
+
+
 _SWEEP_EXCLUDED = {"enabled", "init_checkpoint", "curve_samples"}
 
 

@@ -30,6 +30,7 @@ from tasks.evaluate import evaluate_stage, headline
 from tasks.prepare import prepare_dataset
 from tasks.prepare import shard_urls as prepared_shard_urls
 from tasks.sampling import generate_sample_shards
+from tasks.secrets import load_secret_blocks
 from tasks.storage import Store, check_reachable
 from tasks.tracking import Tracker, default_tracking_uri
 from tasks.train import run_cafm, run_flow_matching, start_cluster, worker_cpus
@@ -265,6 +266,7 @@ def artifact_url(url: str) -> str:
 
 
 def _check_early(params: PipelineParams) -> None:
+    load_secret_blocks()  # credentials named in CAFM_SECRET_BLOCKS, before anything touches storage
     check_reachable(params.storage_root)
     if params.inception_weights:
         load_inception_features(params.inception_weights)  # a clear error now, not after training

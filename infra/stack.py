@@ -1,0 +1,585 @@
+"""The local team stack on 127.0.0.1: S3-compatible server, Ray head, MLflow tracking server,
+Prefect server, a Prefect process work pool and its worker.
+
+    python -m infra.stack up        # start what is not running (idempotent), wait for health
+    python -m infra.stack status    # one line per service: healthy / down, URL, pid
+    python -m infra.stack env       # `export ...` lines pointing a shell at the stack
+    python -m infra.stack deploy    # preflight checks, then `prefect deploy --all`
+    python -m infra.stack logs [SERVICE] [-n LINES]
+    python -m infra.stack down      # stop everything the stack started (idempotent)
+
+Every setting comes from the environment (see :class:`StackConfig`); the state (pids, ports,
+logs, the SQLite databases) lives under ``CAFM_STACK_HOME`` (default ``<repo>/.stack``).
+Each service runs in its own session (process group) and carries ``CAFM_STACK_ID`` in its
+environment, so ``down`` stops it with all its children, and :func:`stack_processes` finds
+anything left behind. Secrets (S3 keys, a Postgres password) are passed to the services
+through their environment only; they are never written to the state file or printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+SERVICES = ("s3", "ray", "mlflow", "prefect", "worker")
+# Local S3 (moto) accepts any key pair; these are used only when the environment has none.
+LOCAL_S3_KEY_ID, LOCAL_S3_SECRET = "cafm-local", "cafm-local-secret"
+
+
+class StackError(RuntimeError):
+    """The stack cannot be brought up or used; the message says what and where."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password (``postgresql://user:***@host/db``)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((HOST, port)) == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    if value == "auto":
+        return free_port()
+    try:
+        return int(value)
+    except ValueError:
+        raise StackError(f"{name}={value!r} is not a port number (or 'auto')") from None
+
+
+@dataclass
+class StackConfig:
+    """Where the stack lives and how it is reached; :meth:`from_env` reads ``CAFM_*`` variables.
+
+    ``s3_endpoint`` None starts the local S3-compatible server (moto); set it (with
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` in the environment) to use a real
+    endpoint (MinIO, AWS) instead. ``prefect_db_url`` None keeps Prefect on SQLite in ``home``.
+    """
+
+    home: Path
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    s3_port: int = 9000
+    ray_port: int = 6380
+    bucket: str = "cafm"
+    s3_endpoint: str | None = None
+    prefect_db_url: str | None = None
+    work_pool: str = "cafm-process"
+    ray_cpus: int = 3
+    stack_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @classmethod
+    def from_env(cls, home: str | os.PathLike | None = None) -> StackConfig:
+        return cls(
+            home=Path(home or os.environ.get("CAFM_STACK_HOME") or REPO / ".stack").resolve(),
+            prefect_port=_env_int("CAFM_PREFECT_PORT", 4200),
+            mlflow_port=_env_int("CAFM_MLFLOW_PORT", 5000),
+            s3_port=_env_int("CAFM_S3_PORT", 9000),
+            ray_port=_env_int("CAFM_RAY_PORT", 6380),
+            bucket=os.environ.get("CAFM_BUCKET", "cafm"),
+            s3_endpoint=os.environ.get("CAFM_S3_ENDPOINT") or None,
+            prefect_db_url=os.environ.get("CAFM_PREFECT_DB_URL") or None,
+            work_pool=os.environ.get("CAFM_WORK_POOL", "cafm-process"),
+            ray_cpus=_env_int("CAFM_RAY_CPUS", 3),
+        )
+
+    # ---- derived addresses -----------------------------------------------------------
+    @property
+    def local_s3(self) -> bool:
+        return self.s3_endpoint is None
+
+    @property
+    def s3_url(self) -> str:
+        return self.s3_endpoint or f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{HOST}:{self.ray_port}"
+
+    @property
+    def storage_root(self) -> str:
+        return f"s3://{self.bucket}/runs"
+
+    @property
+    def ray_temp(self) -> Path:
+        # Ray's socket paths must stay under ~107 characters: a short folder of its own.
+        return Path("/tmp") / f"cafm-ray-{self.stack_id}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a process needs to use the stack (no secrets: keys stay in the caller's env)."""
+        return {
+            "PREFECT_API_URL": self.prefect_api,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "RAY_ADDRESS": self.ray_address,
+            # Ray's gRPC ports listen on every interface; the cluster token (~/.ray/auth_token,
+            # made by `ray start`) keeps other hosts out, and clients must be told to send it.
+            "RAY_AUTH_MODE": "token",
+            "AWS_ENDPOINT_URL": self.s3_url,
+            "CAFM_STORAGE_ROOT": self.storage_root,
+            "CAFM_WORK_POOL": self.work_pool,
+        }
+
+
+def _s3_credentials(config: StackConfig) -> dict[str, str]:
+    """S3 variables for the services: the environment's keys; local dummies for moto only."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
+    if config.local_s3:
+        env.setdefault("AWS_ACCESS_KEY_ID", LOCAL_S3_KEY_ID)
+        env.setdefault("AWS_SECRET_ACCESS_KEY", LOCAL_S3_SECRET)
+    elif not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        raise StackError(f"CAFM_S3_ENDPOINT={config.s3_endpoint} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    env["AWS_ENDPOINT_URL"] = config.s3_url
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env
+
+
+# ---- health checks -----------------------------------------------------------------------
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def api_json(url: str, body: dict | None = None, timeout: float = 10.0, method: str | None = None):
+    """GET (or POST ``body`` to, or ``method``) a JSON API on loopback."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+    for attempt in range(4):
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                return json.loads(response.read().decode() or "null")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503 and attempt < 3:  # Prefect on SQLite answers 503 while the database is locked
+                time.sleep(1.0 + attempt)
+                continue
+            detail = exc.read().decode(errors="replace")[:2000]  # keep the server's explanation
+            raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
+
+
+def _worker_online(config: StackConfig, since: float | None = None) -> bool:
+    """The stack's worker is ONLINE on its pool (with a heartbeat after ``since``, epoch s)."""
+    from datetime import datetime
+
+    try:
+        workers = api_json(f"{config.prefect_api}/work_pools/{config.work_pool}/workers/filter", {})
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    for worker in workers or []:
+        if worker.get("name") != f"cafm-worker-{config.stack_id}" or worker.get("status") != "ONLINE":
+            continue
+        beat = worker.get("last_heartbeat_time")
+        if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp() >= since):
+            return True
+    return False
+
+
+def healthy(config: StackConfig, service: str) -> bool:
+    if service == "s3":
+        return _http_ok(f"{config.s3_url}/moto-api/") if config.local_s3 else _bucket_usable(config)
+    if service == "ray":
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            return probe.connect_ex((HOST, config.ray_port)) == 0
+    if service == "mlflow":
+        return _http_ok(f"{config.mlflow_url}/health")
+    if service == "prefect":
+        return _http_ok(f"{config.prefect_api}/health")
+    if service == "worker":
+        return _worker_online(config)
+    raise StackError(f"unknown service {service!r}; expected one of {SERVICES}")
+
+
+def _bucket_usable(config: StackConfig) -> bool:
+    try:
+        check_bucket(config)
+        return True
+    except StackError:
+        return False
+
+
+def check_bucket(config: StackConfig, create: bool = False) -> None:
+    """The stack's bucket is reachable and writable with the environment's keys (clear error if not).
+
+    ``create``: make it first (local S3 only: a real bucket is the operator's to create)."""
+    from tasks.storage import StorageError, check_reachable
+
+    env = _s3_credentials(config)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if create:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=config.s3_url)
+            names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            if config.bucket not in names:
+                client.create_bucket(Bucket=config.bucket)
+        check_reachable(f"s3://{config.bucket}/mlflow")
+    except StorageError as exc:
+        raise StackError(str(exc)) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def stack_processes(stack_id: str) -> list[int]:
+    """Live (non-zombie) processes of this user started by the stack ``stack_id``."""
+    marker = f"CAFM_STACK_ID={stack_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except (PermissionError, FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+class Stack:
+    """Bring the stack up and down; the state file is ``<home>/stack.json``."""
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig.from_env()
+        self.home = self.config.home
+        self.state_file = self.home / "stack.json"
+        self.logs = self.home / "logs"
+        self._children: dict[str, subprocess.Popen] = {}
+        state = self._read_state()
+        if state:  # an existing stack keeps its ports and id
+            for key in ("prefect_port", "mlflow_port", "s3_port", "ray_port", "stack_id", "bucket", "work_pool"):
+                setattr(self.config, key, state["config"][key])
+
+    # ---- state ---------------------------------------------------------------------------
+    def _read_state(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {}
+
+    def _write_state(self, pids: dict[str, int]) -> None:
+        public = {k: v for k, v in asdict(self.config).items() if k not in ("prefect_db_url",)}
+        public["home"] = str(self.config.home)
+        public["prefect_db_url"] = redact_url(self.config.prefect_db_url) if self.config.prefect_db_url else None
+        self.home.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": public, "pids": pids, "urls": self.config.client_env()}, indent=2))
+        os.replace(tmp, self.state_file)
+
+    def pids(self) -> dict[str, int]:
+        return dict(self._read_state().get("pids", {}))
+
+    # ---- commands -------------------------------------------------------------------------
+    def services(self) -> tuple[str, ...]:
+        return SERVICES if self.config.local_s3 else tuple(s for s in SERVICES if s != "s3")
+
+    def status(self) -> dict[str, dict]:
+        pids = self.pids()
+        urls = {"s3": self.config.s3_url, "ray": self.config.ray_address, "mlflow": self.config.mlflow_url,
+                "prefect": self.config.prefect_ui, "worker": f"pool {self.config.work_pool}"}
+        return {s: {"healthy": healthy(self.config, s), "pid": pids.get(s), "running": bool(pids.get(s)) and _alive(pids[s]),
+                    "url": urls[s]} for s in self.services()}
+
+    def up(self, timeout_s: float = 180.0, echo=print) -> dict[str, float]:
+        """Start every service that is not healthy and wait for its health check; returns the
+        seconds each took. The servers start side by side; the worker once Prefect is up."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        pids = self.pids()
+        if not self.config.local_s3:
+            check_bucket(self.config)  # a real endpoint: the bucket must exist and be writable
+        seconds: dict[str, float] = {}
+        for batch in ([s for s in self.services() if s != "worker"], ["worker"]):
+            started = {}
+            for service in batch:
+                if pids.get(service) and _alive(pids[service]):
+                    if healthy(self.config, service):
+                        echo(f"{service}: already up")
+                        continue
+                    self._stop(service, pids[service])  # running but unhealthy: restart it
+                self._check_port_free(service)
+                if service == "worker":
+                    self._create_work_pool()
+                started[service] = time.perf_counter()
+                pids[service] = self._start(service)
+                self._write_state(pids)
+            for service, start in started.items():
+                self._wait_healthy(service, pids[service], timeout_s)
+                if service == "s3":
+                    check_bucket(self.config, create=True)
+                seconds[service] = time.perf_counter() - start
+                echo(f"{service}: up in {seconds[service]:.1f}s")
+        self._write_state(pids)
+        return seconds
+
+    def down(self, timeout_s: float = 10.0, echo=print) -> list[int]:
+        """Stop every service (workers first); returns any stack process still alive (should be [])."""
+        pids = self.pids()
+        for service in reversed(SERVICES):
+            if service in pids:
+                self._stop(service, pids.pop(service), timeout_s)
+                echo(f"{service}: stopped")
+        leftover = stack_processes(self.config.stack_id)
+        for pid in leftover:  # anything that left its process group
+            _signal(pid, signal.SIGKILL, group=False)
+        shutil.rmtree(self.config.ray_temp, ignore_errors=True)
+        if self.state_file.exists():
+            self._write_state({})
+        return stack_processes(self.config.stack_id)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _check_port_free(self, service: str) -> None:
+        port = {"s3": self.config.s3_port, "ray": self.config.ray_port, "mlflow": self.config.mlflow_port,
+                "prefect": self.config.prefect_port}.get(service)
+        if port and _port_in_use(port):
+            var = {"s3": "CAFM_S3_PORT", "ray": "CAFM_RAY_PORT", "mlflow": "CAFM_MLFLOW_PORT", "prefect": "CAFM_PREFECT_PORT"}[service]
+            raise StackError(f"cannot start {service}: port {port} on {HOST} is already in use by another program; "
+                             f"set {var} to a free port (or 'auto'), or stop that program")
+
+    def _env(self) -> dict[str, str]:
+        from tasks._offline import OFFLINE_DEFAULTS  # telemetry off in every service
+
+        env = {**OFFLINE_DEFAULTS, **os.environ}
+        env.update(_s3_credentials(self.config))
+        env.update(self.config.client_env())
+        env.update({
+            "CAFM_STACK_ID": self.config.stack_id,
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no GenAI job consumers
+            "MLFLOW_S3_ENDPOINT_URL": self.config.s3_url,
+            "NO_PROXY": ",".join(filter(None, [HOST, "localhost", os.environ.get("NO_PROXY")])),
+            "no_proxy": ",".join(filter(None, [HOST, "localhost", os.environ.get("no_proxy")])),
+        })
+        if self.config.prefect_db_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.config.prefect_db_url
+        return env
+
+    def _command(self, service: str) -> list[str]:
+        c = self.config
+        if service == "s3":
+            return [str(BIN / "moto_server"), "-H", HOST, "-p", str(c.s3_port)]
+        if service == "ray":
+            return [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(c.ray_port),
+                    "--num-cpus", str(c.ray_cpus), "--include-dashboard", "false", "--dashboard-host", HOST,
+                    "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+                    "--disable-usage-stats", "--temp-dir", str(c.ray_temp)]
+        if service == "mlflow":
+            db = self.home / "mlflow" / "mlflow.db"
+            db.parent.mkdir(parents=True, exist_ok=True)
+            return [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(c.mlflow_port), "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", f"s3://{c.bucket}/mlflow"]
+        if service == "prefect":
+            return [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(c.prefect_port)]
+        if service == "worker":
+            return [str(BIN / "prefect"), "worker", "start", "--pool", c.work_pool, "--type", "process",
+                    "--name", f"cafm-worker-{c.stack_id}"]
+        raise StackError(f"unknown service {service!r}")
+
+    def _start(self, service: str) -> int:
+        log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - handed to the child
+        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {service}\n".encode())
+        log.flush()
+        child = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=self._env(), cwd=str(self.home), start_new_session=True)
+        log.close()
+        self._children[service] = child
+        return child.pid
+
+    def _wait_healthy(self, service: str, pid: int, timeout_s: float) -> None:
+        deadline, started = time.monotonic() + timeout_s, time.time() - 1.0
+        while time.monotonic() < deadline:
+            if _worker_online(self.config, since=started) if service == "worker" else healthy(self.config, service):
+                return
+            if not _alive(pid):
+                raise StackError(f"{service} exited during start-up; see {self.logs / (service + '.log')}:\n"
+                                 + tail(self.logs / f"{service}.log", 15))
+            time.sleep(0.5)
+        raise StackError(f"{service} not healthy after {timeout_s:.0f}s; see {self.logs / (service + '.log')}")
+
+    def _create_work_pool(self) -> None:
+        env = self._env()
+        try:
+            api_json(f"{self.config.prefect_api}/work_pools/{self.config.work_pool}")
+            return  # exists
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise StackError(f"Prefect server {self.config.prefect_api}: cannot read work pool: {exc}") from exc
+        result = subprocess.run([str(BIN / "prefect"), "work-pool", "create", self.config.work_pool, "--type", "process"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise StackError(f"cannot create work pool {self.config.work_pool}: {result.stdout}{result.stderr}")
+
+    def _stop(self, service: str, pid: int, timeout_s: float = 10.0) -> None:
+        _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(pid):
+            self._reap(service)
+            time.sleep(0.2)
+        if _group_alive(pid):
+            _signal(pid, signal.SIGKILL)
+        self._reap(service, wait=True)
+
+    def _reap(self, service: str, wait: bool = False) -> None:
+        child = self._children.get(service)
+        if child is not None:
+            try:
+                child.wait(timeout=5 if wait else 0)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal(pid: int, sig: int, group: bool = True) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the stack (idempotent)")
+    sub.add_parser("down", help="stop the stack (idempotent)")
+    sub.add_parser("status", help="health of every service")
+    sub.add_parser("env", help="print `export` lines for a shell that uses the stack")
+    logs = sub.add_parser("logs", help="the last lines of the services' logs")
+    logs.add_argument("service", nargs="?", choices=SERVICES)
+    logs.add_argument("-n", "--lines", type=int, default=40)
+    deploy = sub.add_parser("deploy", help="preflight checks, then `prefect deploy --all` against the stack")
+    deploy.add_argument("--file", default=str(REPO / "prefect.yaml"))
+    args = parser.parse_args(argv)
+
+    stack = Stack()
+    try:
+        if args.command == "up":
+            start = time.perf_counter()
+            stack.up()
+            print(f"stack up in {time.perf_counter() - start:.1f}s: Prefect UI {stack.config.prefect_ui}, "
+                  f"MLflow {stack.config.mlflow_url}, S3 {stack.config.s3_url} (bucket {stack.config.bucket}), "
+                  f"Ray {stack.config.ray_address}; logs in {stack.logs}")
+        elif args.command == "down":
+            left = stack.down()
+            if left:
+                print(f"error: processes still alive after down: {left}", file=sys.stderr)
+                return 1
+            print("stack down: no stack process left")
+        elif args.command == "status":
+            report = stack.status()
+            for service, info in report.items():
+                print(f"{service:8s} {'healthy' if info['healthy'] else 'DOWN':8s} {info['url']}  pid {info['pid']}")
+            return 0 if all(i["healthy"] for i in report.values()) else 1
+        elif args.command == "env":
+            for key, value in stack.config.client_env().items():
+                print(f"export {key}={value}")
+            if stack.config.local_s3:  # the local server's dummy keys, unless the caller has keys
+                print(f"export AWS_ACCESS_KEY_ID=${{AWS_ACCESS_KEY_ID:-{LOCAL_S3_KEY_ID}}}")
+                print(f"export AWS_SECRET_ACCESS_KEY=${{AWS_SECRET_ACCESS_KEY:-{LOCAL_S3_SECRET}}}")
+                print("export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}")
+        elif args.command == "logs":
+            for service in [args.service] if args.service else stack.services():
+                print(f"==> {service} ({stack.logs / (service + '.log')})\n{tail(stack.logs / f'{service}.log', args.lines)}")
+        elif args.command == "deploy":
+            from infra.deploy import deploy, deploy_env
+
+            deploy(deploy_env(stack.config), args.file)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from infra.stack import main as _main  # the importable module's classes, not __main__'s copies
+
+    sys.exit(_main())

@@ -1,0 +1,412 @@
+"""The team stack end to end, as a user drives it: stack up, `prefect deploy --all`, the
+pipeline deployment triggered through the Prefect API (as the UI does) and run by the process
+worker on the Ray head, results checked in MLflow and the bucket; the scheduled evaluation
+deployment (trend artifact, idempotent rerun, regression fails, better candidate promoted);
+a run started from the Prefect UI in headless Chromium; stack down leaves no process.
+
+Real services on 127.0.0.1 with free ports (infra/stack.py); tests run in file order and
+share the module's stack. About 5-8 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from infra.stack import Stack, StackConfig, api_json, free_port, stack_processes
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = f"e2e-secret-{uuid.uuid4().hex}"  # moto accepts any key pair; this one must never show up
+RUN_NAME = "digits"  # the evaluation deployment's default held set is <root>/digits/data/out
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT_DIR = Path(os.environ.get("CAFM_SCREENSHOT_DIR", REPO / "outputs" / "screenshots"))
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def _pipeline_params(root: str) -> dict:
+    """The smoke profile, trimmed further: every stage runs, in about 2-3 minutes here."""
+    from flows.params import CAFMParams, ComputeParams, DataParams, FMParams, SamplingParams, smoke_params
+
+    return smoke_params(
+        storage_root=root, run_name=RUN_NAME, data=DataParams(feature_steps=40),
+        fm=FMParams(steps=60, batch_size=64), cafm=CAFMParams(steps=30, warmup_steps=10, batch_size=64, curve_samples=0),
+        sampling=SamplingParams(nfes=[4, 8], num_samples=128), compute=ComputeParams(num_workers=1, checkpoint_every=30),
+    ).model_dump(mode="json")
+
+
+def _eval_params(root: str) -> dict:
+    return {"data_url": f"{root}/{RUN_NAME}/data/out", "seeds": [0], "sampling": {"nfes": [4, 8], "num_samples": 256}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "e2e-key", "AWS_SECRET_ACCESS_KEY": SECRET})
+    config = StackConfig(home=tmp_path_factory.mktemp("stack"), prefect_port=free_port(), mlflow_port=free_port(),
+                         s3_port=free_port(), ray_port=free_port(), bucket="cafm-e2e")
+    stack = Stack(config)
+    start = time.perf_counter()
+    try:
+        stack.up(timeout_s=300, echo=lambda line: print(f"[stack] {line}"))
+        print(f"[stack] up in {time.perf_counter() - start:.1f}s")
+        yield stack
+    finally:
+        stack.down()  # idempotent: the last test has already brought it down
+        for key, value in saved.items():
+            if os.environ.get(key) not in ("e2e-key", SECRET):
+                continue  # another fixture (the session's S3 server) has set it since: leave it
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _s3(stack: Stack):
+    return boto3.client("s3", endpoint_url=stack.config.s3_url, aws_access_key_id="e2e-key",
+                        aws_secret_access_key=SECRET, region_name="us-east-1")
+
+
+def _keys(stack: Stack, prefix: str = "") -> list[str]:
+    pages = _s3(stack).get_paginator("list_objects_v2").paginate(Bucket=stack.config.bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _deployment(stack: Stack, name: str) -> dict:
+    return api_json(f"{stack.config.prefect_api}/deployments/name/{name}")
+
+
+def _wait(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api_json(f"{stack.config.prefect_api}/flow_runs/{run_id}")
+        if run["state"]["type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout_s}s; worker log:\n"
+                         + (stack.logs / "worker.log").read_text()[-3000:])
+
+
+def _trigger(stack: Stack, deployment: str, parameters: dict, timeout_s: float = 600) -> dict:
+    """What the UI's "Custom run" does: POST create_flow_run with the parameters; then wait."""
+    dep = _deployment(stack, deployment)
+    run = api_json(f"{stack.config.prefect_api}/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    return _wait(stack, run["id"], timeout_s)
+
+
+def _artifacts(stack: Stack, run_id: str) -> dict[str, dict]:
+    found = api_json(f"{stack.config.prefect_api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    for artifact in found:
+        if artifact["type"] == "table" and isinstance(artifact["data"], str):
+            artifact["data"] = json.loads(artifact["data"])
+    return {a["key"]: a for a in found}
+
+
+def _logs(stack: Stack, run_id: str) -> str:
+    logs = api_json(f"{stack.config.prefect_api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    import psutil
+
+    addresses = set()
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            addresses |= {c.laddr.ip for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return addresses
+
+
+def test_stack_up_is_healthy_idempotent_and_on_loopback(stack):
+    report = stack.status()
+    assert all(info["healthy"] for info in report.values()), report
+    start = time.perf_counter()
+    assert stack.up(echo=lambda line: None) == {}  # nothing restarted
+    assert time.perf_counter() - start < 30
+    pids = stack.pids()
+    for service in ("s3", "mlflow", "prefect"):
+        assert _listening_addresses(pids[service]) == {"127.0.0.1"}, service
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    from infra.deploy import deploy, deploy_env
+
+    start = time.perf_counter()
+    deployments = deploy(deploy_env(stack.config, caller_wins=False), REPO / "prefect.yaml")
+    print(f"[stack] deployed in {time.perf_counter() - start:.1f}s")
+    return deployments
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack, deployed):
+    start = time.perf_counter()
+    run = _trigger(stack, "cafm-pipeline/main", {"params": _pipeline_params(stack.config.storage_root)})
+    print(f"[stack] pipeline deployment run: {run['state']['type']} in {time.perf_counter() - start:.1f}s")
+    return run
+
+
+def test_pipeline_deployment_runs_to_completed_with_results_in_mlflow_and_the_bucket(stack, pipeline_run):
+    from mlflow import MlflowClient
+
+    assert pipeline_run["state"]["type"] == "COMPLETED", (pipeline_run["state"], _logs(stack, pipeline_run["id"])[-3000:])
+    keys = _keys(stack)
+    for expected in ("data/_COMPLETE.json", "fm/model/checkpoint.json", "cafm/model/checkpoint.json",
+                     "samples/_COMPLETE.json", "eval/out/report.md", "eval/_COMPLETE.json"):
+        assert f"runs/{RUN_NAME}/{expected}" in keys, expected
+    # MLflow's artifacts are on the bucket too (served through the tracking server)
+    assert any(k.startswith("mlflow/") and k.endswith("samples.png") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("checkpoint.json") for k in keys)  # the registered generator
+
+    client = MlflowClient(stack.config.mlflow_url)
+    runs = client.search_runs([client.get_experiment_by_name("cafm-pipeline").experiment_id])
+    parent = [r for r in runs if r.info.run_name == f"pipeline-{RUN_NAME}"][0]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"prepare", "fm", "cafm", "evaluate"} <= set(children)
+    assert len(client.get_metric_history(children["fm"].info.run_id, "fm_loss")) >= 2
+    assert any(k.startswith("cafm.nfe8") for k in children["evaluate"].data.metrics)
+    version = client.get_model_version_by_alias("cafm-generator", "candidate")
+    assert client.get_model_version_by_alias("cafm-generator", "champion").version == version.version == "1"
+
+    # the prefect run shows the evaluation's artifacts
+    assert {"fm-vs-cafm", "samples"} <= set(_artifacts(stack, pipeline_run["id"]))
+
+    # secrets reach neither Prefect (parameters, logs) nor MLflow (params, tags)
+    assert SECRET not in str(pipeline_run["parameters"]) and SECRET not in _logs(stack, pipeline_run["id"])
+    for run in runs:
+        assert SECRET not in str({**run.data.params, **run.data.tags})
+
+
+def _alias(stack: Stack, alias: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(stack.config.mlflow_url).get_model_version_by_alias("cafm-generator", alias).version
+
+
+def _evaluation_runs(stack: Stack) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack.config.mlflow_url)
+    experiment = client.get_experiment_by_name("cafm-model-evaluation")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def _register_degraded_copy(stack: Stack, tmp_path: Path) -> str:
+    """Version 1's generator with its weights replaced by noise, registered as ``candidate``."""
+    import mlflow
+    import torch
+
+    from cafm_core.checkpoint import load_checkpoint, save_checkpoint
+    from tasks.tracking import Tracker
+
+    mlflow.set_tracking_uri(stack.config.mlflow_url)  # the model registry too
+    local = Path(mlflow.artifacts.download_artifacts("models:/cafm-generator/1", dst_path=str(tmp_path / "v1")))
+    checkpoint = next(local.rglob("checkpoint.json")).parent
+    tensors, config, metadata = load_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    noisy = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_checkpoint(tmp_path / "degraded", noisy, config, metadata)
+    tracker = Tracker(stack.config.mlflow_url, "cafm-pipeline")
+    with tracker.run("degraded-copy"):
+        return tracker.register_generator(str(tmp_path / "degraded"), "cafm-generator")
+
+
+def test_scheduled_evaluation_publishes_trend_is_idempotent_fails_on_regression_and_promotes(stack, pipeline_run, tmp_path):
+    from mlflow import MlflowClient
+
+    assert pipeline_run["state"]["type"] == "COMPLETED"
+    deployment = _deployment(stack, "model-evaluation/scheduled")
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 6 * * *"]
+    params = {"params": _eval_params(stack.config.storage_root)}
+
+    first = _trigger(stack, "model-evaluation/scheduled", params)
+    assert first["state"]["type"] == "COMPLETED", (first["state"], _logs(stack, first["id"])[-3000:])
+    artifacts = _artifacts(stack, first["id"])
+    assert {"model-trend", "model-evaluation"} <= set(artifacts)
+    assert [row["version"] for row in artifacts["model-trend"]["data"]] == ["1"]
+    [logged] = _evaluation_runs(stack)
+    series = MlflowClient(stack.config.mlflow_url).get_metric_history(logged.info.run_id, "fd")
+    assert sorted(m.step for m in series) == [4, 8]  # the metric as a series over NFE
+
+    again = _trigger(stack, "model-evaluation/scheduled", params)
+    assert again["state"]["type"] == "COMPLETED"
+    assert len(_evaluation_runs(stack)) == 1  # same versions: nothing evaluated or logged again
+
+    degraded = _register_degraded_copy(stack, tmp_path)
+    assert _alias(stack, "candidate") == degraded == "2"
+    failed = _trigger(stack, "model-evaluation/scheduled", params)
+    assert failed["state"]["type"] == "FAILED"
+    assert "regresses past the threshold of 10.0%" in failed["state"]["message"]
+    assert _alias(stack, "champion") == "1"  # a regressing candidate is never promoted
+    assert "Regression" in _artifacts(stack, failed["id"])["model-evaluation"]["data"]
+
+    client = MlflowClient(stack.config.mlflow_url)
+    client.set_registered_model_alias("cafm-generator", "champion", "2")  # the weak one holds the title ...
+    client.set_registered_model_alias("cafm-generator", "candidate", "1")
+    promoted = _trigger(stack, "model-evaluation/scheduled", params)
+    assert promoted["state"]["type"] == "COMPLETED", promoted["state"]
+    assert _alias(stack, "champion") == "1"  # ... until the better candidate takes it
+    trend = _artifacts(stack, promoted["id"])["model-trend"]["data"]
+    assert [row["version"] for row in trend] == ["1", "2"] and trend[0]["role"] == "champion, candidate"
+    assert len(_evaluation_runs(stack)) == 2  # each version evaluated once in all
+    for run_id in (first["id"], failed["id"], promoted["id"]):
+        assert SECRET not in str(_artifacts(stack, run_id)) and SECRET not in _logs(stack, run_id)
+
+
+def _browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(f"Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}); `make browser` installs the Debian "
+                    "packages chromium and chromium-driver (needs root or sudo)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="cafm-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(15)
+    return driver, profile
+
+
+def _click(driver, xpath: str, timeout_s: float = 30) -> None:
+    """Click the element at ``xpath`` once it is clickable (the UI re-renders while loading)."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            WebDriverWait(driver, 5).until(expected_conditions.element_to_be_clickable((By.XPATH, xpath))).click()
+            return
+        except (StaleElementReferenceException, ElementClickInterceptedException, TimeoutException):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing clickable at {xpath} after {timeout_s:.0f}s on {driver.current_url}") from None
+            time.sleep(0.5)
+
+
+def _page_text(driver) -> str:
+    return driver.execute_script("return document.body.innerText")
+
+
+def quick_run_from_ui(driver, ui_url: str, deployment: str) -> None:
+    """Deployments -> the deployment -> Run -> Quick run, as a user clicks it."""
+    driver.get(f"{ui_url}/deployments")
+    _click(driver, f"//a[normalize-space(.)='{deployment}']")
+    _click(driver, "//button[normalize-space(.)='Run']")
+    _click(driver, "//button[contains(@class, 'p-overflow-menu-item')][contains(., 'Quick run')]")
+
+
+def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stack, pipeline_run):
+    api = stack.config.prefect_api
+    deployment = _deployment(stack, "model-evaluation/scheduled")
+    # the operator sets the deployment's parameters (as "Edit" in the UI does) to the e2e held set
+    api_json(f"{api}/deployments/{deployment['id']}", {"parameters": {"params": _eval_params(stack.config.storage_root)}},
+             method="PATCH")
+    runs_filter = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+    before = {r["id"] for r in api_json(f"{api}/flow_runs/filter", runs_filter)}
+    evaluations_before = len(_evaluation_runs(stack))
+    driver, profile = _browser()
+    try:
+        quick_run_from_ui(driver, stack.config.prefect_ui, "scheduled")
+        deadline, new = time.monotonic() + 30, []
+        while not new and time.monotonic() < deadline:
+            new = [r for r in api_json(f"{api}/flow_runs/filter", runs_filter)
+                   if r["id"] not in before and not r.get("auto_scheduled")]
+            time.sleep(1)
+        assert len(new) == 1, f"the UI's Quick run created no flow run (new: {new})"
+        run = _wait(stack, new[0]["id"], timeout_s=300)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert len(_evaluation_runs(stack)) == evaluations_before  # same versions again: nothing new logged
+
+        driver.get(f"{stack.config.prefect_ui}/runs/flow-run/{run['id']}")
+        deadline = time.monotonic() + 30
+        while "Completed" not in _page_text(driver) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "Completed" in _page_text(driver) and run["name"] in _page_text(driver)
+        _click(driver, "//li[contains(@class, 'p-tab')][normalize-space(.)='Artifacts']")
+        deadline = time.monotonic() + 30
+        while "model-trend" not in _page_text(driver) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "model-trend" in _page_text(driver) and "model-evaluation" in _page_text(driver)
+        time.sleep(1)  # let the cards finish rendering before the picture
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        picture = SCREENSHOT_DIR / "prefect-ui-evaluation-run.png"
+        assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s3_auth_enforced):
+    from infra.deploy import deploy_env, preflight
+    from infra.stack import StackError
+
+    env = deploy_env(stack.config, caller_wins=False)
+    yaml_file = REPO / "prefect.yaml"
+
+    unreachable = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    with pytest.raises(StackError, match="Prefect server http://127.0.0.1:.* is unreachable"):
+        preflight(yaml_file, unreachable)
+
+    with pytest.raises(StackError, match=r"bucket 'no-such-bucket' does not exist"):
+        preflight(yaml_file, {**env, "CAFM_STORAGE_ROOT": "s3://no-such-bucket/runs"})
+
+    invalid = tmp_path / "prefect.yaml"
+    invalid.write_text(yaml_file.read_text().replace("storage_root:", "fm: {steps: 0}\n        storage_root:"))
+    for name in ("flows", "tasks", "cafm_core"):
+        (tmp_path / name).symlink_to(REPO / name)
+    with pytest.raises(StackError, match=r"(?s)deployment main .*invalid parameters.*params\.fm\.steps: Input should be greater than or equal to 1"):
+        preflight(invalid, env)
+
+    # the server itself refuses an invalid parameter set, before any run exists (what the UI shows)
+    import urllib.error
+
+    dep = _deployment(stack, "cafm-pipeline/main")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api_json(f"{stack.config.prefect_api}/deployments/{dep['id']}/create_flow_run",
+                 {"parameters": {"params": {"fm": {"steps": 0}}}})
+    assert refused.value.code in (409, 422) and "steps" in str(refused.value.reason), refused.value.reason
+
+    bucket, key_id, _ = s3_auth_enforced  # a server that checks keys: a wrong secret is refused
+    wrong = {**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": key_id,
+             "AWS_SECRET_ACCESS_KEY": "wrong-secret", "CAFM_STORAGE_ROOT": f"{bucket}/runs"}
+    with pytest.raises(StackError, match="credentials rejected") as error:
+        preflight(yaml_file, wrong)
+    assert "wrong-secret" not in str(error.value)
+
+
+def test_stack_down_leaves_no_process_behind(stack):
+    pids = stack.pids()
+    start = time.perf_counter()
+    assert stack.down(echo=lambda line: None) == []
+    print(f"[stack] down in {time.perf_counter() - start:.1f}s")
+    assert stack_processes(stack.config.stack_id) == []
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    for port in (stack.config.prefect_port, stack.config.mlflow_port, stack.config.s3_port, stack.config.ray_port):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+    assert stack.down(echo=lambda line: None) == []  # idempotent
+    assert not any(info["healthy"] for info in stack.status().values())
