@@ -148,7 +148,8 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
                   num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
                   num_workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
                   mixed_precision=compute.mixed_precision, checkpoint_every=compute.checkpoint_every,
-                  storage_path=run.url("ray"), run_name=f"{params.run_name}-{stage}")
+                  storage_path=run.url("ray"), run_name=f"{params.run_name}-{stage}",
+                  divergence=compute.divergence())
     tracker = _tracker(params)
     stage_params = params.fm.model_dump() if stage == "fm" else params.cafm.model_dump()
     _ray(params)
@@ -170,11 +171,15 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
             if curve is not None:
                 _log_curves(run, tracker, result["history"])
         tracker.log_history(result["history"])
-        tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"]})
+        tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"],
+                             "rollbacks": len(result["rollbacks"])})
+        if result["rollbacks"]:
+            tracker.log_dict({"rollbacks": result["rollbacks"]}, "rollbacks.json")
         model_url = run.url(stage, "model")
         run.store.upload_dir(result["model_dir"], model_url, marker_last="checkpoint.json")
     return run.complete(stage, {"model_url": model_url, "final_metrics": result["final_metrics"],
-                                "steps": result["steps"], "seconds": result["seconds"]})
+                                "steps": result["steps"], "seconds": result["seconds"],
+                                "rollbacks": result["rollbacks"]})
 
 
 def _log_curves(run: Run, tracker: Tracker, history: list[dict]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cafm_core.checkpoint import load_model, save_model
+from cafm_core.checkpoint import load_checkpoint, load_model, save_model, unflatten_state_dicts
 from cafm_core.data import load_builtin
 from cafm_core.models import MLPConfig, build_generator, dit_config
 from tasks.train import (
+    TrainingDiverged,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     run_cafm,
@@ -219,3 +221,59 @@ def test_cafm_on_digits_with_tiny_dit_bf16(tmp_path, ray_cluster, digit_shards):
     assert_in_sync(result)
     model = load_model(result["model_dir"])
     assert model(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([1, 10])).shape == (2, 1, 8, 8)
+
+
+# ---- divergence: rollback with a lower learning rate, or a clear stop -------------------
+
+
+def _finite_checkpoints(storage: Path) -> list[str]:
+    """Every Ray checkpoint under ``storage``, each checked to hold only finite tensors."""
+    names = []
+    for directory in sorted(p for p in storage.rglob("checkpoint_0*") if p.is_dir()):
+        tensors, _, _ = load_checkpoint(directory)
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), directory
+        names.append(directory.name)
+    return names
+
+
+def test_diverging_cafm_rolls_back_to_the_last_checkpoint_with_lower_learning_rates(tmp_path, ray_cluster, gaussian_shards):
+    # generator lr 10: the first generator steps after warmup blow the losses/logits past 1e4
+    init = save_model(tmp_path / "fm", build_generator(MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8)))
+    result = run_cafm(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8, init_checkpoint=str(init),
+        cafm_config={"steps": 30, "batch_size": 64, "warmup_steps": 10, "discriminator_steps": 1, "log_every": 5,
+                     "generator_lr": 10.0, "discriminator_lr": 1e-3},
+        divergence={"lr_factor": 1e-3, "max_rollbacks": 2},
+        output_dir=str(tmp_path / "cafm"), num_workers=2, checkpoint_every=10,
+        storage_path=str(tmp_path / "ray"), run_name="cafm-diverges",
+    )
+    assert result["steps"] == 30
+    rollbacks = result["rollbacks"]
+    assert len(rollbacks) == 1, rollbacks
+    assert rollbacks[0]["to_step"] == 10 and 10 < rollbacks[0]["at_step"] <= 20
+    assert "max_abs" in rollbacks[0]["reason"] or "non-finite" in rollbacks[0]["reason"]
+    assert rollbacks[0]["learning_rates"] == pytest.approx([10.0 * 1e-3, 1e-3 * 1e-3])
+    assert_history_ok(result["history"], ("d_loss", "logit_real"))  # no step twice, all finite
+    assert [row["step"] for row in result["history"]] == [5, 10, 15, 20, 25, 30]
+    assert_in_sync(result)
+    # the lowered rate is part of the saved optimiser state (a restart keeps it)
+    tensors, _, metadata = load_checkpoint(result["ray_checkpoint"])
+    states = unflatten_state_dicts(tensors)
+    saved = optimizer_state_from_tensors(states["generator_opt"], metadata["optimizers"]["generator"])
+    assert saved["param_groups"][0]["lr"] == pytest.approx(1e-2)
+    assert metadata["rollbacks"] == rollbacks
+    assert _finite_checkpoints(tmp_path / "ray") == ["checkpoint_00000020", "checkpoint_00000030"]
+
+
+def test_divergence_beyond_the_allowed_rollbacks_stops_with_a_clear_message(tmp_path, ray_cluster, gaussian_shards):
+    fm = dict(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
+        model_config=MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8).to_dict(),
+        output_dir=str(tmp_path / "fm"), num_workers=1, checkpoint_every=5,
+        storage_path=str(tmp_path / "ray"), run_name="fm-diverges",
+    )
+    with pytest.raises(TrainingDiverged, match=r"fm training diverged at step 2 \(\|fm_loss\|=.* > max_abs 10000\) "
+                       r"after 1 rollback\(s\).*last good checkpoint is step 0.*Last good checkpoint: none"):
+        run_flow_matching(fm_config={"steps": 20, "batch_size": 64, "lr": 10.0}, divergence={"max_rollbacks": 1}, **fm)
+    assert _finite_checkpoints(tmp_path / "ray") == []  # nothing written of the diverged state
+    assert not (tmp_path / "fm").exists()

@@ -128,3 +128,24 @@ def test_fm_step_on_images_reduces_loss_on_a_fixed_batch():
         for _ in range(15)
     ]
     assert losses[-1] < losses[0]
+
+
+def test_divergence_guard_names_non_finite_and_exploding_metrics():
+    from cafm_core.training import DivergenceGuard
+
+    guard = DivergenceGuard(max_abs=100.0)
+    assert guard.reason({"fm_loss": 0.5, "grad_norm": 1e6}) is None  # gradient norms are not watched
+    assert guard.reason({"d_loss": 2.0, "logit_real": -99.0}) is None
+    assert guard.reason({"d_loss": 2.0, "logit_fake": -250.0}) == "|logit_fake|=250 > max_abs 100"
+    assert guard.reason({"fm_loss": float("nan"), "grad_norm": float("inf")}) == "non-finite fm_loss=nan, grad_norm=inf"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_abs": 0}, "max_abs"), ({"max_rollbacks": -1}, "max_rollbacks"), ({"lr_factor": 1.0}, r"lr_factor .* \(0, 1\)")],
+)
+def test_divergence_guard_rejects_bad_settings(kwargs, message):
+    from cafm_core.training import DivergenceGuard
+
+    with pytest.raises(CAFMInputError, match=message):
+        DivergenceGuard(**kwargs)
