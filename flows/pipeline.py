@@ -192,7 +192,9 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
                               output_dir=str(Path(scratch) / "out"), curve=curve, **common)
             if curve is not None:
                 _log_curves(run, tracker, result["history"])
-        tracker.log_history(result["history"])
+        # this stage run (a new MLflow run on every attempt) gets every row: those of an
+        # interrupted earlier attempt, never logged, and this attempt's
+        tracker.log_history(result["earlier_history"] + result["history"])
         tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"],
                              "rollbacks": len(result["rollbacks"])})
         if result["rollbacks"]:
@@ -202,7 +204,7 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
     _note_unlogged(run, tracker)
     return run.complete(stage, {"model_url": model_url, "final_metrics": result["final_metrics"],
                                 "steps": result["steps"], "seconds": result["seconds"],
-                                "rollbacks": result["rollbacks"]})
+                                "rollbacks": result["rollbacks"], "resumed_from_step": result["resumed_from_step"]})
 
 
 def _log_curves(run: Run, tracker: Tracker, history: list[dict]) -> None:

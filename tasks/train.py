@@ -982,11 +982,15 @@ def _outputs(
         "model_dir": str(model_dir),
         # rows this run made (a fresh run's step-0 row is its starting point, e.g. a curve point)
         "history": [row for row in full_history if row["step"] > start_step or row["step"] == start_step == 0],
+        # rows up to resumed_from_step, made by an earlier (maybe interrupted) run of this name
+        "earlier_history": [row for row in full_history if row["step"] <= start_step and start_step > 0],
         "final_metrics": final_metrics,
         "steps": steps_done,
         "seconds": seconds,
         "ray_checkpoint": _checkpoint_url(checkpoint, storage_path),
         "resumed_from_step": start_step,
+        # where the last worker group started: after a worker failure, the checkpoint it restored
+        "restored_from_step": int(returned.get("start_step", start_step)),
         "worker_checksums": list(returned.get("checksums") or []),
         # divergences survived: {at_step, to_step, reason, learning_rates} each
         "rollbacks": list(returned.get("rollbacks") or saved_meta.get("rollbacks") or []),

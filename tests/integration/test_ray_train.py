@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +280,58 @@ def test_divergence_beyond_the_allowed_rollbacks_stops_with_a_clear_message(tmp_
         run_flow_matching(fm_config={"steps": 20, "batch_size": 64, "lr": 10.0}, divergence={"max_rollbacks": 1}, **fm)
     assert _finite_checkpoints(tmp_path / "ray") == []  # nothing written of the diverged state
     assert not (tmp_path / "fm").exists()
+
+
+# ---- a worker process killed mid-training -----------------------------------------------
+
+
+def _kill_a_train_worker_after(checkpoint: Path, killed: list[int], stop: threading.Event) -> None:
+    """Once ``checkpoint`` exists, SIGKILL one Ray Train worker of *this* test's cluster
+    (a descendant of this process; other Ray clusters on the machine are left alone)."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        if checkpoint.is_dir():
+            for process in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(process.cmdline()):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.02)
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_path, ray_cluster, gaussian_shards):
+    fm = dict(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
+        model_config=MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8).to_dict(),
+        output_dir=str(tmp_path / "fm"), num_workers=2, checkpoint_every=20,
+        storage_path=str(tmp_path / "ray"), run_name="fm-killed",
+    )
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after, args=(tmp_path / "ray" / "fm-killed" / "checkpoint_00000020", killed, stop)
+    )
+    killer.start()
+    try:
+        result = run_flow_matching(fm_config={"steps": 300, "batch_size": 64, "lr": 3e-3, "log_every": 20}, **fm)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no Ray Train worker was killed (did training end before the first checkpoint?)"
+    assert result["steps"] == 300
+    # the restarted workers began at a checkpoint, not at zero ...
+    assert 20 <= result["restored_from_step"] < 300 and result["restored_from_step"] % 20 == 0
+    # ... every reported step appears exactly once, none missing
+    assert [row["step"] for row in result["history"]] == list(range(20, 301, 20))
+    assert_history_ok(result["history"], ("fm_loss",))
+    assert_in_sync(result)
+    # optimiser and EMA state were restored, not reset: their step counts are the run's
+    tensors, _, metadata = load_checkpoint(result["ray_checkpoint"])
+    states = unflatten_state_dicts(tensors)
+    adam = optimizer_state_from_tensors(states["generator_opt"], metadata["optimizers"]["generator"])
+    assert {int(s["step"]) for s in adam["state"].values()} == {300}
+    assert metadata["ema"]["num_updates"] == 300
