@@ -4,6 +4,11 @@ Only plain parameters are logged; anything that looks like a secret (keys, token
 passwords, credentials) is refused, and storage credentials never appear here at all:
 they come from the environment. The post-trained generator is registered in the Model
 Registry with alias ``candidate``; ``champion`` moves only when evaluation says so.
+
+An unavailable server never stops training: calls are queued and sent, in order, once it is
+back (see :class:`Tracker`); what is still queued after a stage is written to storage by the
+pipeline (``<run>/tracking_unlogged.json``). Registration needs the server at that moment:
+when it is down the model is not registered and the evaluation stage says so.
 """
 
 from __future__ import annotations
