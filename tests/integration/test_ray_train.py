@@ -303,6 +303,7 @@ def _kill_a_train_worker_after(checkpoint: Path, killed: list[int], stop: thread
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_path, ray_cluster, gaussian_shards):
     fm = dict(
         shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
