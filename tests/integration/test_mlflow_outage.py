@@ -42,7 +42,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         self.process = subprocess.Popen(
             [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -69,16 +69,29 @@ class MlflowServer:
         self.process = None
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    for key in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(key, ",".join(filter(None, ["127.0.0.1", "localhost", os.environ.get(key)])))
-    server = MlflowServer(tmp_path)
-    server.start()
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    saved = {key: os.environ.get(key) for key in ("NO_PROXY", "no_proxy")}
+    for key, value in saved.items():
+        os.environ[key] = ",".join(filter(None, ["127.0.0.1", "localhost", value]))
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
         yield server
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def mlflow_server(_module_server):
+    """The module's server, running (each server start costs 10-20 s here, so tests share one)."""
+    if _module_server.process is None:
+        _module_server.start()
+    return _module_server
 
 
 def test_tracking_is_buffered_while_the_server_is_down_and_sent_once_it_returns(mlflow_server):
