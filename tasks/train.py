@@ -567,6 +567,9 @@ class _Stage:
         metadata = {"optimizers": meta_opt, "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates}}
         return states, metadata
 
+    def forget_metrics(self) -> None:
+        """Drop metrics carried over between steps (after a rollback they describe a discarded state)."""
+
     def checksum(self) -> str:
         """sha256 over every module's and the EMA's tensors: equal on all ranks iff in sync."""
         digest = hashlib.sha256()
@@ -625,6 +628,9 @@ class _CAFMStage(_Stage):
             metrics["g_steps"] = float(self.ema.num_updates)
         self.latest.update(metrics)
         return dict(self.latest)
+
+    def forget_metrics(self) -> None:
+        self.latest = {}
 
 
 def _modules_from_init(init: dict | None, model_config: dict, use_ema: bool) -> nn.Module:
@@ -817,6 +823,7 @@ def _train_worker(loop: dict) -> dict:
                         "diverged": message}
             rollbacks_since_good += 1
             stage.load_state(*_copy_state(*good_state))
+            stage.forget_metrics()  # a diverged G step's loss must not trip the next D step's check
             rates = _scale_learning_rates(stage, guard.lr_factor ** rollbacks_since_good)
             rollbacks.append({"at_step": index + 1, "to_step": good_step, "reason": reason, "learning_rates": rates})
             history = [row for row in history if row["step"] <= good_step]
