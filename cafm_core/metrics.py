@@ -162,21 +162,13 @@ def kernel_inception_distance(
 # Precision / recall (Kynkäänniemi et al. 2019)
 
 _DISTANCE_CHUNK = 1024
-_DISTANCE_BUDGET = 16 * 1024 * 1024  # distances per chunk (64 MB as float32), whatever the set sizes
-
-
-def _chunk_rows(support_size: int) -> int:
-    """Query rows per distance chunk: at most 1024, fewer for large sets, so a chunk's distance
-    matrix stays within ``_DISTANCE_BUDGET`` entries (memory bounded at any sample count)."""
-    return max(1, min(_DISTANCE_CHUNK, _DISTANCE_BUDGET // max(support_size, 1)))
 
 
 def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     radii = []
-    rows = _chunk_rows(points.shape[0])
-    for start in range(0, points.shape[0], rows):
-        distances = torch.cdist(points[start : start + rows], points)
+    for start in range(0, points.shape[0], _DISTANCE_CHUNK):
+        distances = torch.cdist(points[start : start + _DISTANCE_CHUNK], points)
         # k + 1 smallest includes the point itself at distance 0.
         radii.append(distances.topk(k + 1, dim=1, largest=False).values[:, k])
     return torch.cat(radii)
@@ -185,9 +177,8 @@ def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
 def _within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     """Whether each query lies inside at least one ball (support point, its radius)."""
     inside = []
-    rows = _chunk_rows(support.shape[0])
-    for start in range(0, queries.shape[0], rows):
-        distances = torch.cdist(queries[start : start + rows], support)
+    for start in range(0, queries.shape[0], _DISTANCE_CHUNK):
+        distances = torch.cdist(queries[start : start + _DISTANCE_CHUNK], support)
         inside.append((distances <= radii.unsqueeze(0)).any(dim=1))
     return torch.cat(inside)
 

@@ -180,14 +180,3 @@ def test_kid_on_the_whole_sets_equals_torchmetrics_unbiased_mmd():
     ours, _ = kernel_inception_distance(real, fake, subset_size=200, num_subsets=1)  # a permutation: same MMD
     reference = poly_mmd(torch.from_numpy(real), torch.from_numpy(fake), degree=3, gamma=None, coef=1.0)
     assert ours == pytest.approx(float(reference), rel=1e-9)
-
-
-def test_precision_recall_do_not_depend_on_the_distance_chunking(monkeypatch):
-    from cafm_core import metrics
-
-    generator = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(300, 8, generator=generator), torch.randn(200, 8, generator=generator) + 0.3
-    whole = metrics.precision_recall(real, fake, k=3)
-    monkeypatch.setattr(metrics, "_DISTANCE_BUDGET", 700)  # 2-3 query rows per chunk
-    assert metrics._chunk_rows(300) == 2
-    assert metrics.precision_recall(real, fake, k=3) == whole
