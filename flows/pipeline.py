@@ -115,7 +115,8 @@ def _note_unlogged(run: Run, tracker: Tracker) -> list[dict]:
     if tracker.flush():
         run.store.remove(url, recursive=False)
         return []
-    run.store.write_json(url, tracker.unlogged_record())
+    # plain json.dumps: a NaN metric must not stop the record (Python's json reads it back)
+    run.store.write_bytes(url, json.dumps(tracker.unlogged_record(), indent=2, default=str).encode())
     summary = tracker.unlogged()
     get_run_logger().warning("MLflow unavailable (%s): %d item(s) not logged yet, kept in %s: %s", tracker.last_error,
                              len(summary), url, "; ".join(f"{i['run']}: {i['what']}" for i in summary[:8]))
