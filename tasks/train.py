@@ -25,7 +25,12 @@ Ray 2.60 notes (checked against the installed version)
   a trainer whose ``RunConfig(name, storage_path)`` points at an existing run directory
   loads that run's checkpoint-manager snapshot, and ``ray.train.get_checkpoint()`` returns
   its latest checkpoint in the workers. The same mechanism serves worker-failure retries
-  (``FailureConfig(max_failures=2)``). Hence ``resume=True`` simply reuses the run
+  (``FailureConfig(max_failures=2)``). Ray registers a reported checkpoint only when its
+  controller next polls the workers, so a worker killed soon after a report can leave
+  ``get_checkpoint()`` at an older checkpoint, or None (seen in the worker-kill test: a
+  restart from step 0 with two checkpoints on storage); the workers therefore also scan
+  the run directory and take the newest checkpoint that verifies, when it is newer
+  (``_newest_complete_checkpoint``). Hence ``resume=True`` simply reuses the run
   directory; ``resume=False`` with an existing run directory is refused (ValueError)
   rather than silently continuing or overwriting it. A run already at the requested step
   count returns its outputs without starting Ray (an orchestrator retry is cheap); a run
@@ -772,6 +777,12 @@ def _train_worker(loop: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = load_checkpoint(directory)
+    # Ray registers a reported checkpoint only when its controller next polls the workers; a
+    # worker killed in between loses the registration, not the files. Take the newest
+    # checkpoint on storage that verifies (marker + checksums) when it is newer.
+    newest = _newest_complete_checkpoint(loop["storage_path"], loop["run_name"], config.steps)
+    if newest is not None and (restored is None or int(newest[2]["step"]) > int(restored[2]["step"])):
+        restored = newest
     stage = _build_stage(stage_name, config, accelerator, restored, loop)
     if world_size > 1 and not isinstance(stage.generator_ddp, DistributedDataParallel):
         raise RuntimeError(f"Accelerate did not wrap the generator in DDP (got {type(stage.generator_ddp).__name__})")
@@ -958,6 +969,36 @@ def _latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[bool, Any]
     return True, result.checkpoint
 
 
+def _newest_complete_checkpoint(storage_path: str, run_name: str, max_step: int) -> tuple[dict, dict, dict] | None:
+    """``(tensors, config, metadata)`` of the newest ``checkpoint_*`` folder of this run on
+    storage that verifies and is at most ``max_step``, or None. Folders that fail to verify
+    (being written, cut off) are skipped: their marker is missing or a checksum differs."""
+    fs, base = _storage_filesystem(storage_path)
+    fs = fs or pafs.LocalFileSystem()
+    run_dir = posixpath.join(os.path.abspath(base) if isinstance(fs, pafs.LocalFileSystem) else base, run_name)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted(
+        (e.path for e in entries if e.type == pafs.FileType.Directory and posixpath.basename(e.path).startswith("checkpoint_")),
+        reverse=True,  # checkpoint_{step:08d}: newest first
+    )
+    for folder in folders:
+        try:
+            files = {}
+            for entry in fs.get_file_info(pafs.FileSelector(folder)):
+                if entry.type == pafs.FileType.File:
+                    with fs.open_input_stream(entry.path) as stream:
+                        files[posixpath.basename(entry.path)] = stream.read()
+            state = checkpoint_from_bytes(files)
+        except (OSError, ValueError):  # ValueError includes CAFMInputError: incomplete or corrupted
+            continue
+        if state[1].get("format") == TRAIN_STATE_FORMAT and int(state[2]["step"]) <= max_step:
+            return state
+    return None
+
+
 def _checkpoint_state(checkpoint) -> tuple[dict[str, Tensor], dict, dict]:
     with checkpoint.as_directory() as directory:
         return load_checkpoint(directory)
@@ -1121,6 +1162,8 @@ def _run(
         "threads": cpus,
         "curve": curve,
         "divergence": guard.to_dict(),
+        "storage_path": storage_path,
+        "run_name": run_name,
         # the init checkpoint travels as verified bytes through the object store, so
         # workers on other nodes need no access to the driver's disk
         "init_ref": ray.put(init_files) if init_files is not None else None,

@@ -336,3 +336,21 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp
     adam = optimizer_state_from_tensors(states["generator_opt"], metadata["optimizers"]["generator"])
     assert {int(s["step"]) for s in adam["state"].values()} == {160}
     assert metadata["ema"]["num_updates"] == 160
+
+
+def test_newest_complete_checkpoint_on_storage_skips_unfinished_folders(tmp_path):
+    from cafm_core.checkpoint import save_checkpoint
+    from tasks.train import TRAIN_STATE_FORMAT, _newest_complete_checkpoint
+
+    run = tmp_path / "ray" / "run"
+    for step in (20, 40, 60):
+        save_checkpoint(run / f"checkpoint_{step:08d}", {"w": torch.full((3,), float(step))},
+                        {"format": TRAIN_STATE_FORMAT}, {"step": step})
+    (run / "checkpoint_00000060" / "checkpoint.json").unlink()  # being written when the worker died
+    weights = run / "checkpoint_00000040" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # cut off
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files are ignored
+    tensors, _, metadata = _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=100)
+    assert metadata["step"] == 20 and torch.equal(tensors["w"], torch.full((3,), 20.0))
+    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=10) is None
+    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "missing", max_step=100) is None
