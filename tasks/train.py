@@ -1052,31 +1052,39 @@ def _outputs(
 
 def _previous_run(
     storage_path: str, run_name: str, *, resume: bool, stage: str, model_config: dict, steps: int
-) -> tuple[Any, int]:
-    """The latest checkpoint of an earlier run with this name (or None) and its step."""
+) -> tuple[Any, int, int]:
+    """An earlier run with this name: ``(Ray's latest checkpoint or None, its step, the step
+    training resumes from)``. The last is the newest verified checkpoint on storage when Ray
+    did not register it (the process was killed first); the workers restore the same one."""
     exists, previous = _latest_run_checkpoint(storage_path, run_name)
     if exists and not resume:
         raise ValueError(
             f"run directory {run_name!r} already exists under {storage_path!r}; pass resume=True to continue it "
             "or choose another run_name"
         )
-    if previous is None:
-        return None, 0
-    _, saved, saved_meta = _checkpoint_state(previous)
-    if saved.get("format") != TRAIN_STATE_FORMAT or saved.get("stage") != stage:
+    saved_states = []
+    if previous is not None:
+        _, saved, saved_meta = _checkpoint_state(previous)
+        saved_states.append((saved, saved_meta))
+    newest = _newest_complete_checkpoint(storage_path, run_name, steps) if exists else None
+    if newest is not None:
+        saved_states.append(newest[1:])
+    for saved, saved_meta in saved_states:
+        if saved.get("format") != TRAIN_STATE_FORMAT or saved.get("stage") != stage:
+            raise ValueError(
+                f"run {run_name!r} under {storage_path!r} holds a {saved.get('stage')!r} checkpoint; "
+                f"cannot resume it as {stage!r}: choose another run_name"
+            )
+        if dict(saved["model"]) != dict(config_from_dict(dict(model_config)).to_dict()):
+            raise ValueError(f"run {run_name!r} was trained with model config {saved['model']}; got {model_config}")
+    previous_step = int(saved_states[0][1]["step"]) if previous is not None else 0
+    if previous_step > steps:
         raise ValueError(
-            f"run {run_name!r} under {storage_path!r} holds a {saved.get('stage')!r} checkpoint; "
-            f"cannot resume it as {stage!r}: choose another run_name"
-        )
-    if dict(saved["model"]) != dict(config_from_dict(dict(model_config)).to_dict()):
-        raise ValueError(f"run {run_name!r} was trained with model config {saved['model']}; got {model_config}")
-    step = int(saved_meta["step"])
-    if step > steps:
-        raise ValueError(
-            f"run {run_name!r} is already at step {step}, beyond the requested steps={steps}; "
+            f"run {run_name!r} is already at step {previous_step}, beyond the requested steps={steps}; "
             "ask for more steps or choose another run_name"
         )
-    return previous, step
+    start_step = max([previous_step] + [int(meta["step"]) for _, meta in saved_states])
+    return previous, previous_step, start_step
 
 
 def _run(
@@ -1135,10 +1143,10 @@ def _run(
             f"batch_size {config.batch_size} is larger than the {per_worker} rows each of the {num_workers} "
             f"workers gets ({total_rows} rows in {len(urls)} shards)"
         )
-    previous, start_step = _previous_run(
+    previous, previous_step, start_step = _previous_run(
         storage_path, run_name, resume=resume, stage=stage, model_config=model_config, steps=config.steps
     )
-    if previous is not None and start_step == config.steps:
+    if previous is not None and previous_step == config.steps:
         # already done (e.g. an orchestrator retry): rebuild the outputs, train nothing
         logger.info("run %r is already at step %d; returning its last checkpoint", run_name, start_step)
         return _outputs(
