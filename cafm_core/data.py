@@ -21,6 +21,12 @@ import torch
 from cafm_core.checks import CAFMInputError, check_choice, check_positive, check_tensor
 
 DATASET_KINDS = ("image", "points")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""Images with more pixels than this (64 Mpx, e.g. 8192x8192) are counted as bad files, never
+decoded: a decompression bomb must not exhaust memory. PIL's own limit (89 Mpx warns,
+179 Mpx refuses) is looser."""
+MIN_IMAGES = 2
+"""Fewest readable images an image folder may hold."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,12 +318,21 @@ class ImageFolderReport:
 
 
 def _decode_image(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
-    """Decode, convert mode, center-crop to square, resize; returns float32 ``[C, R, R]`` in [-1, 1]."""
+    """Decode, convert mode, center-crop to square, resize; returns float32 ``[C, R, R]`` in [-1, 1].
+
+    The pixel count is checked from the header before decoding, so a huge image (or a
+    small file claiming huge dimensions) is refused without allocating its pixels.
+    """
     from PIL import Image
 
     if not raw:
         raise OSError("file is empty (0 bytes)")
     with Image.open(io.BytesIO(raw)) as image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise OSError(
+                f"image is {width}x{height} = {width * height:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,}"
+            )
         image.load()  # forces a full decode so truncated files fail here
         converted = image.convert("L" if channels == 1 else "RGB")
     width, height = converted.size
@@ -445,6 +460,11 @@ def read_image_folder(
         raise CAFMInputError(
             f"image folder {url!r} has no readable images: all {len(bad_files)} files failed "
             f"(first: {bad_files[:3]}, {bad_reasons[:1]})"
+        )
+    if len(images) < MIN_IMAGES:
+        raise CAFMInputError(
+            f"image folder {url!r} has {len(images)} readable image(s); at least {MIN_IMAGES} are needed "
+            "(a generator and its evaluation statistics need more than one sample)"
         )
     if report.bad_fraction > max_bad_fraction:
         raise CAFMInputError(

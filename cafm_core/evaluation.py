@@ -74,6 +74,14 @@ def _image_metrics(real_features, fake_features, *, kid_subset: int, seed: int) 
     }
 
 
+def image_metrics(real_features: torch.Tensor, fake_features: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+    """FD, KID (subsets of up to 1000) and precision/recall between two feature sets: the
+    image metrics of :func:`evaluate_samples`, for callers that extract features in batches
+    (memory then grows with the feature size, not the image size)."""
+    kid_subset = min(1000, real_features.shape[0], fake_features.shape[0])
+    return _image_metrics(real_features, fake_features, kid_subset=kid_subset, seed=seed)
+
+
 def evaluate_samples(
     samples: torch.Tensor,
     dataset: Dataset,
@@ -99,9 +107,7 @@ def evaluate_samples(
         raise CAFMInputError("image evaluation needs a feature extractor (e.g. the in-domain feature network)")
     if real_features is None:
         real_features = features(dataset.data)
-    fake_features = features(samples)
-    kid_subset = min(1000, real_features.shape[0], fake_features.shape[0])
-    result = _image_metrics(real_features, fake_features, kid_subset=kid_subset, seed=seed)
+    result = image_metrics(real_features, features(samples), seed=seed)
     if classifier is not None and labels is not None:
         result["class_accuracy"] = class_accuracy(classifier, samples, labels)
     return result

@@ -106,6 +106,47 @@ class CAFMConfig:
         return asdict(self)
 
 
+DIVERGENCE_WATCHED = ("fm_loss", "d_loss", "g_loss", "logit_real", "logit_fake", "logit_fake_g")
+"""Step metrics whose magnitude signals divergence (losses and mean logits, not gradient norms,
+which are clipped or normalised away and may be large in healthy training)."""
+
+
+@dataclass(frozen=True)
+class DivergenceGuard:
+    """When a training run counts as diverged, and how it recovers.
+
+    A step diverged if any metric is NaN/inf, or a watched metric (``DIVERGENCE_WATCHED``)
+    exceeds ``max_abs`` in magnitude (an FM loss or a CAFM logit of 1e4 is far outside
+    healthy training on data scaled to about [-1, 1]). The training loop then rolls back to
+    its last good checkpoint with every learning rate scaled by ``lr_factor``, at most
+    ``max_rollbacks`` times in a run; after that it stops with a clear message.
+    """
+
+    max_abs: float = 1e4
+    max_rollbacks: int = 2
+    lr_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_positive("max_abs", self.max_abs)
+        if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
+            raise CAFMInputError(f"max_rollbacks must be an int >= 0, got {self.max_rollbacks!r}")
+        if isinstance(self.lr_factor, bool) or not isinstance(self.lr_factor, (int, float)) or not 0 < self.lr_factor < 1:
+            raise CAFMInputError(f"lr_factor must be a number in (0, 1), got {self.lr_factor!r}")
+
+    def reason(self, metrics: dict[str, float]) -> str | None:
+        """Why these step metrics mean divergence, or None if they look healthy."""
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            return "non-finite " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        big = {k: metrics[k] for k in DIVERGENCE_WATCHED if k in metrics and abs(metrics[k]) > self.max_abs}
+        if big:
+            return ", ".join(f"|{k}|={abs(v):.3g}" for k, v in sorted(big.items())) + f" > max_abs {self.max_abs:g}"
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def adam(parameters, lr: float, betas: tuple[float, float], weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW as used throughout (no weight decay by default)."""
     return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -130,6 +130,13 @@ class ComputeParams(_Params):
     use_gpu: bool = False
     mixed_precision: Literal["no", "bf16"] = "no"
     checkpoint_every: int = Field(500, ge=1)
+    divergence_limit: float = Field(1e4, gt=0, description="a loss or mean logit above this (or any NaN/inf) counts as divergence")
+    max_rollbacks: int = Field(2, ge=0, description="divergences survived by rolling back to the last checkpoint; then training stops")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="learning rates are multiplied by this at each rollback")
+
+    def divergence(self) -> dict:
+        """The ``cafm_core.training.DivergenceGuard`` fields these parameters give."""
+        return {"max_abs": self.divergence_limit, "max_rollbacks": self.max_rollbacks, "lr_factor": self.rollback_lr_factor}
 
 
 class PipelineParams(_Params):

@@ -97,9 +97,31 @@ def _ray(params: PipelineParams) -> None:
     start_cluster(compute.num_workers, worker_cpus(compute.num_workers, compute.cpus_per_worker), compute.use_gpu)
 
 
+_TRACKERS: dict[tuple[str, str], Tracker] = {}
+
+
 def _tracker(params: PipelineParams) -> Tracker:
+    """This process's tracker for the run's MLflow store, shared by the stages so that what
+    one stage could not log (server unavailable) is sent by a later one."""
     uri = params.tracking_uri or default_tracking_uri(params.storage_root)
-    return Tracker(uri, params.experiment)
+    if (uri, params.experiment) not in _TRACKERS:
+        _TRACKERS[uri, params.experiment] = Tracker(uri, params.experiment, strict=False)
+    return _TRACKERS[uri, params.experiment]
+
+
+def _note_unlogged(run: Run, tracker: Tracker) -> list[dict]:
+    """After a stage: what MLflow has not received yet, with its values, in
+    ``<run>/tracking_unlogged.json`` (removed once everything is logged); returns the summary."""
+    url = Store.join(run.base, "tracking_unlogged.json")
+    if tracker.flush():
+        run.store.remove(url, recursive=False)
+        return []
+    # plain json.dumps: a NaN metric must not stop the record (Python's json reads it back)
+    run.store.write_bytes(url, json.dumps(tracker.unlogged_record(), indent=2, default=str).encode())
+    summary = tracker.unlogged()
+    get_run_logger().warning("MLflow unavailable (%s): %d item(s) not logged yet, kept in %s: %s", tracker.last_error,
+                             len(summary), url, "; ".join(f"{i['run']}: {i['what']}" for i in summary[:8]))
+    return summary
 
 
 def _model_config(params: PipelineParams, manifest: dict) -> dict:
@@ -133,6 +155,7 @@ def prepare_task(params: PipelineParams, parent_run_id: str | None = None) -> di
         )
         tracker.log_metrics({"count": manifest["count"], "num_classes": manifest["num_classes"]})
         tracker.log_dict(manifest, "manifest.json")
+    _note_unlogged(run, tracker)
     return run.complete("data", {"data_url": run.url("data", "out"), "manifest": manifest})
 
 
@@ -149,7 +172,8 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
                   num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
                   num_workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
                   mixed_precision=compute.mixed_precision, checkpoint_every=compute.checkpoint_every,
-                  storage_path=run.url("ray"), run_name=f"{params.run_name}-{stage}")
+                  storage_path=run.url("ray"), run_name=f"{params.run_name}-{stage}",
+                  divergence=compute.divergence())
     tracker = _tracker(params)
     stage_params = params.fm.model_dump() if stage == "fm" else params.cafm.model_dump()
     _ray(params)
@@ -170,12 +194,19 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
                               output_dir=str(Path(scratch) / "out"), curve=curve, **common)
             if curve is not None:
                 _log_curves(run, tracker, result["history"])
-        tracker.log_history(result["history"])
-        tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"]})
+        # this stage run (a new MLflow run on every attempt) gets every row: those of an
+        # interrupted earlier attempt, never logged, and this attempt's
+        tracker.log_history(result["earlier_history"] + result["history"])
+        tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"],
+                             "rollbacks": len(result["rollbacks"])})
+        if result["rollbacks"]:
+            tracker.log_dict({"rollbacks": result["rollbacks"]}, "rollbacks.json")
         model_url = run.url(stage, "model")
         run.store.upload_dir(result["model_dir"], model_url, marker_last="checkpoint.json")
+    _note_unlogged(run, tracker)
     return run.complete(stage, {"model_url": model_url, "final_metrics": result["final_metrics"],
-                                "steps": result["steps"], "seconds": result["seconds"]})
+                                "steps": result["steps"], "seconds": result["seconds"],
+                                "rollbacks": result["rollbacks"], "resumed_from_step": result["resumed_from_step"]})
 
 
 def _log_curves(run: Run, tracker: Tracker, history: list[dict]) -> None:
@@ -249,9 +280,12 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
                 run.store.download_dir(run.require("cafm")["model_url"], scratch)
                 version = tracker.register_generator(scratch, params.registered_model,
                                                      tags={"run_name": params.run_name, "data": params.data.source})
-            promoted = tracker.promote_if_better(params.registered_model, version, metric, value)
+            promoted = tracker.promote_if_better(params.registered_model, version, metric, value) if version else False
             registered = {"name": params.registered_model, "version": version, "metric": metric, "value": value,
                           "champion": promoted}
+            if version is None:
+                registered["not_registered"] = f"MLflow unavailable ({tracker.last_error}); the model is at {run.require('cafm')['model_url']}"
+    _note_unlogged(run, tracker)
     create_markdown_artifact(key="fm-vs-cafm", markdown=result["report"], description="FM vs CAFM at identical sampler settings")
     create_image_artifact(image_url=artifact_url(run.url("eval", "out", "samples.png")), key="samples", description="FM and CAFM samples beside real data")
     return run.complete("eval", {"table": result["table"], "summary": result["summary"],
@@ -270,7 +304,8 @@ def _check_early(params: PipelineParams) -> None:
     check_reachable(params.storage_root)
     if params.inception_weights:
         load_inception_features(params.inception_weights)  # a clear error now, not after training
-    _tracker(params)  # raises TrackingError with the URI if the store is unusable
+    # raises TrackingError with the URI if the store is unusable now (later outages are buffered)
+    Tracker(params.tracking_uri or default_tracking_uri(params.storage_root), params.experiment)
 
 
 @flow(name="prepare", log_prints=True)
@@ -320,7 +355,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
               "cafm": cafm["model_url"] if cafm else None, "samples": samples["count"],
               "report": evaluation["report_url"], "table": evaluation["table"],
               "registered": evaluation["registered"], "mlflow_run_id": parent_id,
-              "tracking_uri": tracker.tracking_uri}
+              "tracking_uri": tracker.tracking_uri, "tracking_unlogged": _note_unlogged(run, tracker)}
     print(f"\n{evaluation['table']}\n")
     print(f"results under {run.base} (report: {evaluation['report_url']}); MLflow: {tracker.tracking_uri}, run {parent_id}")
     return result

@@ -14,6 +14,7 @@ import torch
 
 from cafm_core.evaluation import (
     IMAGE_METRICS,
+    image_metrics,
     POINT_METRICS,
     SamplerSetting,
     evaluate_samples,
@@ -23,12 +24,45 @@ from cafm_core.evaluation import (
     paired_differences,
     summarise_over_seeds,
 )
-from cafm_core.features import extract_features, load_inception_features
+from cafm_core.checks import CAFMInputError
+from cafm_core.features import class_accuracy, extract_features, load_inception_features
 from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from tasks.prepare import load_for_evaluation
 from tasks.sampling import read_samples, setting_key
 from tasks.storage import Store
+
+_PICTURED = 50  # images per model in samples.png
+
+
+def _streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, features, classifier, real_features,
+                            inception, real_inception, seed: int) -> tuple[dict, torch.Tensor]:
+    """Image metrics of one sample set read shard by shard: only features (and the first
+    images for the picture) are kept, so memory is bounded by the shard and feature sizes,
+    not by the number of samples. Returns ``(metrics, first images)``."""
+    fake, fake_inception, pictured = [], [], []
+    correct, labelled = 0.0, 0
+    for url in shard_urls:
+        samples, labels = read_samples(store, [url])
+        if samples.shape[1:] != dataset.data.shape[1:]:
+            raise CAFMInputError(f"samples in {url} have shape {tuple(samples.shape[1:])} per item, the dataset "
+                                 f"{tuple(dataset.data.shape[1:])}")
+        fake.append(features(samples))
+        if inception is not None:
+            fake_inception.append(inception(samples))
+        if classifier is not None and labels is not None:
+            correct += class_accuracy(classifier, samples, labels) * len(samples)
+            labelled += len(samples)
+        if sum(len(p) for p in pictured) < _PICTURED:
+            pictured.append(samples[: _PICTURED - sum(len(p) for p in pictured)].clone())
+        del samples, labels
+    metrics = image_metrics(real_features, torch.cat(fake), seed=seed)
+    if labelled:
+        metrics["class_accuracy"] = correct / labelled
+    if inception is not None:
+        metrics["fid_inception"] = frechet_distance_from_features(real_inception, torch.cat(fake_inception))
+    return metrics, torch.cat(pictured)
+
 
 def evaluate_stage(
     store: Store,
@@ -43,7 +77,8 @@ def evaluate_stage(
     """Compute every row, write the report files; returns rows, summary, floor and the table.
 
     With ``inception_weights`` (a local TorchScript Inception-v3 file) each image row also
-    gets ``fid_inception``, the standard FID feature space.
+    gets ``fid_inception``, the standard FID feature space. Image samples are read one shard
+    at a time (see ``bench/bench_memory.py`` for peak memory against the sample count).
     """
     dataset, manifest, feature_net = load_for_evaluation(store, data_url)
     image = dataset.kind == "image"
@@ -59,13 +94,18 @@ def evaluate_stage(
     for model in models:
         for setting in settings:
             for seed in seeds:
-                samples, labels = read_samples(store, sample_layout[f"{model}/{setting_key(setting)}/seed{seed}"])
+                urls = sample_layout[f"{model}/{setting_key(setting)}/seed{seed}"]
+                if image:
+                    if features is None:
+                        raise CAFMInputError(f"{data_url} has no feature network: image samples cannot be evaluated")
+                    metrics, first = _streamed_image_metrics(
+                        store, urls, dataset, features=features, classifier=feature_net, real_features=real_features,
+                        inception=inception, real_inception=real_inception, seed=seed)
+                else:  # points: a few floats per sample, read at once
+                    first, labels = read_samples(store, urls)
+                    metrics = evaluate_samples(first, dataset, labels=labels, seed=seed)
                 if setting == last and seed == seeds[0]:
-                    pictured[model] = samples[:5000]
-                metrics = evaluate_samples(samples, dataset, features=features, classifier=feature_net,
-                                           labels=labels, real_features=real_features, seed=seed)
-                if inception is not None:
-                    metrics["fid_inception"] = frechet_distance_from_features(real_inception, inception(samples))
+                    pictured[model] = first[:5000]
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **metrics})
     keys = IMAGE_METRICS if image else POINT_METRICS
     summary = summarise_over_seeds(rows, keys)

@@ -4,13 +4,22 @@ Only plain parameters are logged; anything that looks like a secret (keys, token
 passwords, credentials) is refused, and storage credentials never appear here at all:
 they come from the environment. The post-trained generator is registered in the Model
 Registry with alias ``candidate``; ``champion`` moves only when evaluation says so.
+
+An unavailable server never stops training: calls are queued and sent, in order, once it is
+back (see :class:`Tracker`); what is still queued after a stage is written to storage by the
+pipeline (``<run>/tracking_unlogged.json``). Registration needs the server at that moment:
+when it is down the model is not registered and the evaluation stage says so.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,39 +69,190 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-class Tracker:
-    """Thin wrapper around MLflow's fluent API for the pipeline's run structure."""
+_SHORT_HTTP_RETRIES = {
+    # MLflow's defaults retry one request for minutes (7 retries, backoff factor 2, 120 s
+    # timeout); with a server down that would stall the pipeline at every call. The Tracker
+    # buffers instead, so one call may fail fast. A user's own settings win.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
-        check_tracking_uri(tracking_uri)
+
+class Tracker:
+    """MLflow runs for the pipeline, with a buffer that outlives an unavailable server.
+
+    Runs and everything logged to them go through a queue sent in order with
+    ``MlflowClient`` (explicit run ids, no global active run). A call that fails (server
+    down, timeout) stays queued, training goes on, and later calls first try to send the
+    queue again (at most every ``retry_after_s``), so a server that comes back receives
+    everything, in order, each item once. :meth:`unlogged` says what is still queued
+    (:func:`write_unlogged` puts it in storage, with the values, so nothing is lost).
+
+    ``strict=True`` (the early check) raises :class:`TrackingError` when the store cannot be
+    reached at construction; ``strict=False`` (the stages) starts buffered instead.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, strict: bool = True, retry_after_s: float = 15.0) -> None:
+        for key, value in _SHORT_HTTP_RETRIES.items():
+            os.environ.setdefault(key, value)
         self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.retry_after_s = float(retry_after_s)
+        self.pending: list[dict] = []  # items not sent yet, oldest first
+        self.last_error: str | None = None
+        self._runs: dict[str, dict] = {}  # local key -> {"name", "run_id", ...}
+        self._stack: list[str] = []  # this tracker's open runs, innermost last
+        self._next_try = 0.0
+        self.experiment_id: str | None = None
         mlflow.set_tracking_uri(tracking_uri)
-        try:
-            existing = mlflow.get_experiment_by_name(experiment)
-            if existing is None and tracking_uri.startswith("sqlite:///"):
-                # keep artifacts beside the SQLite store, not in the current directory
-                artifacts = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts"
-                mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
-            self.experiment_id = mlflow.set_experiment(experiment).experiment_id
-        except Exception as exc:  # noqa: BLE001 - any store error is reported the same way
-            raise TrackingError(f"cannot use MLflow experiment {experiment!r} at {tracking_uri}: {exc}") from exc
         self.client = MlflowClient(tracking_uri)
+        try:
+            check_tracking_uri(tracking_uri)
+            self.experiment_id = self._experiment_id()
+        except TrackingError as exc:
+            if strict:
+                raise
+            self.last_error = str(exc)
+            log.warning("MLflow unavailable (%s): tracking is buffered until it returns", exc)
+
+    def _experiment_id(self) -> str:
+        try:
+            existing = self.client.get_experiment_by_name(self.experiment)
+            if existing is not None:
+                return existing.experiment_id
+            artifacts = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                # keep artifacts beside the SQLite store, not in the current directory
+                artifacts = (Path(self.tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
+            return self.client.create_experiment(self.experiment, artifact_location=artifacts)
+        except Exception as exc:  # noqa: BLE001 - any store error is reported the same way
+            raise TrackingError(f"cannot use MLflow experiment {self.experiment!r} at {self.tracking_uri}: {exc}") from exc
+
+    # ---- the queue -----------------------------------------------------------------------
+
+    def _submit(self, item: dict) -> None:
+        self.pending.append(item)
+        self.flush(force=False)
+
+    def flush(self, force: bool = True) -> bool:
+        """Send what is queued, in order; True when nothing is left. Without ``force``, a
+        recent failure makes this a no-op until ``retry_after_s`` has passed."""
+        if not self.pending:
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        while self.pending:
+            try:
+                self._send(self.pending[0])
+            except Exception as exc:  # noqa: BLE001 - unreachable, timeouts, 5xx: all buffered alike
+                first = self.last_error is None
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._next_try = time.monotonic() + self.retry_after_s
+                (log.warning if first else log.info)(
+                    "MLflow at %s unavailable (%s): %d item(s) buffered, training goes on",
+                    self.tracking_uri, self.last_error, len(self.pending),
+                )
+                return False
+            self.pending.pop(0)
+        if self.last_error is not None:
+            log.warning("MLflow at %s reachable again: every buffered item was logged", self.tracking_uri)
+            self.last_error = None
+        return True
+
+    def _run_id(self, key: str) -> str:
+        run_id = self._runs[key]["run_id"]
+        if run_id is None:
+            raise TrackingError(f"run {self._runs[key]['name']!r} was not created yet")
+        return run_id
+
+    def _send(self, item: dict) -> None:
+        kind = item["kind"]
+        if kind == "create_run":
+            if self.experiment_id is None:
+                self.experiment_id = self._experiment_id()
+            run = self._runs[item["run"]]
+            tags = dict(item["tags"])
+            parent = item["parent"]
+            local = parent[len("unlogged-"):] if parent and parent.startswith("unlogged-") else parent
+            if local in self._runs:  # a run of this tracker (maybe created late)
+                parent = self._runs[local]["run_id"]
+            if parent and not str(parent).startswith("unlogged-"):
+                tags["mlflow.parentRunId"] = parent
+            elif parent:
+                tags["cafm.parent_unlogged"] = parent
+            if run["run_id"] is None:
+                run["run_id"] = self.client.create_run(self.experiment_id, tags=tags, run_name=run["name"]).info.run_id
+            if item["params"]:
+                from mlflow.entities import Param
+
+                params = [Param(k, v) for k, v in item["params"].items()]
+                for i in range(0, len(params), 100):
+                    self.client.log_batch(run["run_id"], params=params[i : i + 100])
+        elif kind == "metrics":
+            from mlflow.entities import Metric
+
+            run_id = self._run_id(item["run"])
+            metrics = [Metric(k, v, ts, step) for k, v, step, ts in item["values"][item.get("sent", 0):]]
+            for i in range(0, len(metrics), _BATCH):
+                self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+                item["sent"] = item.get("sent", 0) + len(metrics[i : i + _BATCH])  # resend nothing twice
+        elif kind == "text":
+            self.client.log_text(self._run_id(item["run"]), item["text"], item["artifact_file"])
+        elif kind == "image":
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(base64.b64decode(item["png_base64"])))
+            self.client.log_image(self._run_id(item["run"]), image, artifact_file=item["artifact_file"])
+        elif kind == "artifacts":
+            self.client.log_artifacts(self._run_id(item["run"]), item["local_dir"], item["artifact_path"])
+        elif kind == "end_run":
+            self.client.set_terminated(self._run_id(item["run"]), item["status"])
+        else:  # pragma: no cover - items are made here
+            raise ValueError(f"unknown tracking item {kind!r}")
+
+    def _current(self) -> str:
+        if not self._stack:
+            raise TrackingError("no open run: log inside `with tracker.run(...)`")
+        return self._stack[-1]
+
+    # ---- runs and what is logged to them -------------------------------------------------
 
     @contextmanager
     def run(self, name: str, params: Mapping | None = None, *, parent_run_id: str | None = None,
             tags: Mapping | None = None) -> Iterator[str]:
-        """Start a run (nested under ``parent_run_id`` when given); yields its id."""
-        nested = parent_run_id is not None or mlflow.active_run() is not None
-        with mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id,
-                              experiment_id=self.experiment_id, tags=dict(tags or {})) as active:
-            if params:
-                mlflow.log_params(flat_params(params))
-            yield active.info.run_id
+        """Open a run (nested under ``parent_run_id``, else under this tracker's open run);
+        yields its MLflow id, or ``unlogged-<key>`` while the server is unavailable."""
+        key = uuid.uuid4().hex
+        parent = parent_run_id
+        if parent is None and self._stack:
+            parent = self._stack[-1]
+        self._runs[key] = {"name": name, "run_id": None}
+        self._submit({"kind": "create_run", "run": key, "name": name, "parent": parent,
+                      "params": flat_params(params) if params else {}, "tags": {str(k): str(v) for k, v in (tags or {}).items()}})
+        self._stack.append(key)
+        status = "FAILED"
+        try:
+            yield self._runs[key]["run_id"] or f"unlogged-{key}"
+            status = "FINISHED"
+        finally:
+            self._stack.pop()
+            self._submit({"kind": "end_run", "run": key, "status": status})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
-        numeric = {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-        if numeric:
-            mlflow.log_metrics(numeric, step=step)
+        self._log_rows([(metrics, step)], prefix)
+
+    def _log_rows(self, rows, prefix: str) -> None:
+        now = int(time.time() * 1000)
+        values = [
+            (f"{prefix}{k}", float(v), int(step or 0), now)
+            for metrics, step in rows
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        ]
+        if values:
+            self._submit({"kind": "metrics", "run": self._current(), "values": values})
 
     def log_summary_row(self, row: Mapping, prefix: str = "") -> None:
         """One evaluation summary row (a model at a sampler setting) as metrics named
@@ -102,32 +262,73 @@ class Tracker:
                          prefix=setting)
 
     def log_history(self, rows, prefix: str = "") -> None:
-        """Log training rows (each with a ``step``) as metric series."""
-        for row in rows:
-            self.log_metrics(row, step=int(row.get("step", 0)), prefix=prefix)
+        """Log training rows (each with a ``step``) as metric series, in one batch."""
+        self._log_rows([(row, int(row.get("step", 0))) for row in rows], prefix)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self._submit({"kind": "text", "run": self._current(), "text": text, "artifact_file": artifact_file})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        mlflow.log_text(json.dumps(data, indent=2, default=str), artifact_file)
+        self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_image(self, image, artifact_file: str) -> None:
-        mlflow.log_image(image, artifact_file=artifact_file)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        self._submit({"kind": "image", "run": self._current(), "artifact_file": artifact_file,
+                      "png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")})
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        mlflow.log_artifacts(local_dir, artifact_path)
+        """Artifacts from a local folder (it must outlive a buffered call: not a temp dir)."""
+        self._submit({"kind": "artifacts", "run": self._current(), "local_dir": local_dir, "artifact_path": artifact_path})
 
-    def register_generator(self, checkpoint_dir: str, model_name: str, *, tags: Mapping | None = None) -> str:
-        """Log the generator as a pyfunc model (from code) and register it; alias ``candidate``."""
-        info = mlflow.pyfunc.log_model(
-            name="generator",
-            python_model=MLFLOW_MODEL_CODE,
-            artifacts={"checkpoint": checkpoint_dir},
-            pip_requirements=["torch", "safetensors", "numpy"],
-        )
-        version = mlflow.register_model(info.model_uri, model_name, tags=dict(tags or {})).version
-        self.client.set_registered_model_alias(model_name, "candidate", version)
+    def unlogged(self) -> list[dict]:
+        """What is still queued, one line each (run, kind, what), for logs and reports."""
+        out = []
+        for item in self.pending:
+            run = self._runs.get(item.get("run"), {}).get("name", "?")
+            what = {
+                "create_run": lambda i: f"run {i['name']!r} with {len(i['params'])} params",
+                "metrics": lambda i: f"{len(i['values']) - i.get('sent', 0)} metric values "
+                                     f"({', '.join(sorted({v[0] for v in i['values']})[:6])})",
+                "text": lambda i: f"artifact {i['artifact_file']}",
+                "image": lambda i: f"image {i['artifact_file']}",
+                "artifacts": lambda i: f"artifacts {i['local_dir']} -> {i['artifact_path']}",
+                "end_run": lambda i: f"end of run ({i['status']})",
+            }[item["kind"]](item)
+            out.append({"run": run, "kind": item["kind"], "what": what})
+        return out
+
+    def unlogged_record(self) -> dict:
+        """Everything still queued, values included: what :func:`write_unlogged` stores."""
+        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "error": self.last_error,
+                "runs": {k: dict(v) for k, v in self._runs.items()}, "summary": self.unlogged(),
+                "items": [dict(item) for item in self.pending]}
+
+    # ---- model registry (needs the server now; reported, never buffered) -----------------
+
+    def register_generator(self, checkpoint_dir: str, model_name: str, *, tags: Mapping | None = None) -> str | None:
+        """Log the generator as a pyfunc model (from code) and register it; alias ``candidate``.
+
+        Returns the version, or None when MLflow is unavailable (logged as a warning; the
+        checkpoint stays in storage and can be registered later)."""
+        if not self.flush():
+            log.warning("MLflow unavailable: generator %s not registered as %r", checkpoint_dir, model_name)
+            return None
+        try:
+            with mlflow.start_run(run_id=self._run_id(self._current())):
+                info = mlflow.pyfunc.log_model(
+                    name="generator",
+                    python_model=MLFLOW_MODEL_CODE,
+                    artifacts={"checkpoint": checkpoint_dir},
+                    pip_requirements=["torch", "safetensors", "numpy"],
+                )
+            version = mlflow.register_model(info.model_uri, model_name, tags=dict(tags or {})).version
+            self.client.set_registered_model_alias(model_name, "candidate", version)
+        except Exception as exc:  # noqa: BLE001 - the server went away between the flush and here
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("MLflow unavailable (%s): generator %s not registered as %r", self.last_error,
+                        checkpoint_dir, model_name)
+            return None
         return str(version)
 
     def model_metric(self, model_name: str, alias: str, metric_tag: str) -> float | None:

@@ -25,7 +25,12 @@ Ray 2.60 notes (checked against the installed version)
   a trainer whose ``RunConfig(name, storage_path)`` points at an existing run directory
   loads that run's checkpoint-manager snapshot, and ``ray.train.get_checkpoint()`` returns
   its latest checkpoint in the workers. The same mechanism serves worker-failure retries
-  (``FailureConfig(max_failures=2)``). Hence ``resume=True`` simply reuses the run
+  (``FailureConfig(max_failures=2)``). Ray registers a reported checkpoint only when its
+  controller next polls the workers, so a worker killed soon after a report can leave
+  ``get_checkpoint()`` at an older checkpoint, or None (seen in the worker-kill test: a
+  restart from step 0 with two checkpoints on storage); the workers therefore also scan
+  the run directory and take the newest checkpoint that verifies, when it is newer
+  (``_newest_complete_checkpoint``). Hence ``resume=True`` simply reuses the run
   directory; ``resume=False`` with an existing run directory is refused (ValueError)
   rather than silently continuing or overwriting it. A run already at the requested step
   count returns its outputs without starting Ray (an orchestrator retry is cheap); a run
@@ -78,6 +83,19 @@ is written by the driver with ``cafm_core.checkpoint.save_model`` (EMA weights a
 plus the EMA shadow) to ``<output_dir>/generator``; CAFM also writes the raw discriminator
 to ``<output_dir>/discriminator``.
 
+Divergence
+----------
+Every step's metrics go through ``cafm_core.training.DivergenceGuard``: a NaN/inf metric, or
+a loss or mean logit above ``max_abs``, on any worker (one all-reduced flag per step, so all
+ranks take the same branch) rolls every worker back to the last good state (the start, then
+each checkpoint, kept in memory on every rank) with all learning rates times ``lr_factor``;
+the lowered rates live in the optimiser state, so they survive a restart. Rollbacks are
+listed in the checkpoint metadata and the result (``rollbacks``); history rows after the
+rollback point are dropped, so no step appears twice. After ``max_rollbacks`` the workers
+return and the driver raises :class:`TrainingDiverged` naming the step, the reason and the
+last good checkpoint. A diverged state is never checkpointed (the check runs before each
+report, and ``cafm_core.checkpoint`` refuses non-finite tensors besides).
+
 Clusters
 --------
 Workers import this module (``tasks.train``) and ``cafm_core``: on a remote cluster
@@ -89,6 +107,7 @@ variables through ``runtime_env``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -127,6 +146,7 @@ from cafm_core.models import build_discriminator, build_generator, config_from_d
 from cafm_core.path import TimeSampler
 from cafm_core.training import (
     CAFMConfig,
+    DivergenceGuard,
     FlowMatchingConfig,
     adam,
     cafm_step,
@@ -136,6 +156,7 @@ from cafm_core.training import (
 __all__ = [
     "MIXED_PRECISION_MODES",
     "TRAIN_STATE_FORMAT",
+    "TrainingDiverged",
     "ensure_ray",
     "start_cluster",
     "train_config",
@@ -152,6 +173,10 @@ _STAGES = ("fm", "cafm")
 _SHUFFLE_BUFFER_MIN = 1024
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training diverged again after every allowed rollback; the message says where and why."""
 
 
 # ---- Ray bootstrap ------------------------------------------------------------------------
@@ -547,6 +572,9 @@ class _Stage:
         metadata = {"optimizers": meta_opt, "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates}}
         return states, metadata
 
+    def forget_metrics(self) -> None:
+        """Drop metrics carried over between steps (after a rollback they describe a discarded state)."""
+
     def checksum(self) -> str:
         """sha256 over every module's and the EMA's tensors: equal on all ranks iff in sync."""
         digest = hashlib.sha256()
@@ -606,6 +634,9 @@ class _CAFMStage(_Stage):
         self.latest.update(metrics)
         return dict(self.latest)
 
+    def forget_metrics(self) -> None:
+        self.latest = {}
+
 
 def _modules_from_init(init: dict | None, model_config: dict, use_ema: bool) -> nn.Module:
     """The starting generator: from the init checkpoint's files, or freshly built."""
@@ -630,7 +661,9 @@ def _seed_for(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _write_train_state(directory: str, stage: _Stage, step: int, loop: dict, history: list[dict]) -> None:
+def _write_train_state(
+    directory: str, stage: _Stage, step: int, loop: dict, history: list[dict], rollbacks: list[dict]
+) -> None:
     states, metadata = stage.state()
     config = {
         "format": TRAIN_STATE_FORMAT,
@@ -638,8 +671,34 @@ def _write_train_state(directory: str, stage: _Stage, step: int, loop: dict, his
         "model": stage.generator.config.to_dict(),
         "train": loop["train_config"],
     }
-    metadata.update({"step": step, "seed": stage.config.seed, "world_size": loop["world_size"], "history": history})
+    metadata.update({"step": step, "seed": stage.config.seed, "world_size": loop["world_size"], "history": history,
+                     "rollbacks": rollbacks})
     save_checkpoint(directory, flatten_state_dicts(states), config, metadata)
+
+
+def _copy_state(states: dict[str, dict[str, Tensor]], metadata: dict) -> tuple[dict, dict]:
+    """A private copy of ``_Stage.state()``: loading it must not alias tensors that training
+    then updates in place (optimisers keep loaded tensors as their state)."""
+    return {name: {k: v.clone() for k, v in sd.items()} for name, sd in states.items()}, copy.deepcopy(metadata)
+
+
+def _scale_learning_rates(stage: _Stage, factor: float) -> list[float]:
+    """Multiply every optimiser's learning rate by ``factor``; returns the new rates."""
+    rates = []
+    for optimizer in stage.optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+            rates.append(group["lr"])
+    return rates
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (all ranks must take the same branch)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _format_row(stage: str, row: dict, steps: int, start: int, elapsed: float) -> str:
@@ -718,16 +777,23 @@ def _train_worker(loop: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = load_checkpoint(directory)
+    # Ray registers a reported checkpoint only when its controller next polls the workers; a
+    # worker killed in between loses the registration, not the files. Take the newest
+    # checkpoint on storage that verifies (marker + checksums) when it is newer.
+    newest = _newest_complete_checkpoint(loop["storage_path"], loop["run_name"], config.steps)
+    if newest is not None and (restored is None or int(newest[2]["step"]) > int(restored[2]["step"])):
+        restored = newest
     stage = _build_stage(stage_name, config, accelerator, restored, loop)
     if world_size > 1 and not isinstance(stage.generator_ddp, DistributedDataParallel):
         raise RuntimeError(f"Accelerate did not wrap the generator in DDP (got {type(stage.generator_ddp).__name__})")
 
-    start, history = 0, []
+    start, history, rollbacks = 0, [], []
     if restored is not None:
         tensors, saved_config, metadata = restored
         stage.load_state(unflatten_state_dicts(tensors), metadata)
         start, history = int(metadata["step"]), list(metadata["history"])
         history = [row for row in history if row["step"] <= start]
+        rollbacks = list(metadata.get("rollbacks", []))
     if rank == 0:
         where = f"restored from step {start}" if restored is not None else "starting from step 0"
         logger.info(
@@ -740,17 +806,50 @@ def _train_worker(loop: dict) -> dict:
     if curve is not None and restored is None:
         history.append({"step": start, **curve(stage.generator, stage.ema)})  # where post-training starts
     steps, every, log_every = config.steps, loop["checkpoint_every"], config.log_every
+    guard = DivergenceGuard(**loop["divergence"])
+    # the last good state (the start, then each checkpoint), kept in memory on every rank:
+    # a divergence rolls back to it without reading storage
+    good_step, good_state, rollbacks_since_good = start, _copy_state(*stage.state()), 0
     rng = torch.Generator(device=accelerator.device).manual_seed(_seed_for(config.seed, rank, start))
     batches = _batches(config.batch_size, _ShardCollate(loop["sample_shape"], loop["num_classes"]), accelerator.device)
     metrics: dict[str, float] = {}
     last_time, last_step = time.perf_counter(), start
     began = time.perf_counter()
-    for index in range(start, steps):
+    index = start
+    while index < steps:
         metrics = stage.step(index, next(batches), rng)
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"{stage_name} step {index}: non-finite {bad}: {metrics}")
+        reason = guard.reason(metrics)
+        if _any_rank(reason is not None, accelerator.device):
+            reason = reason or "another worker's step diverged"
+            if len(rollbacks) >= guard.max_rollbacks:
+                message = (
+                    f"{stage_name} training diverged at step {index + 1} ({reason}) after {len(rollbacks)} "
+                    f"rollback(s) (max_rollbacks={guard.max_rollbacks}); stopped. The last good checkpoint is "
+                    f"step {good_step}; no checkpoint after it was written. Lower the learning rate, or allow "
+                    "more rollbacks"
+                )
+                if rank == 0:
+                    logger.error("[%s] %s", stage_name, message)
+                return {"history": history, "start_step": start, "checksums": [], "rollbacks": rollbacks,
+                        "diverged": message}
+            rollbacks_since_good += 1
+            stage.load_state(*_copy_state(*good_state))
+            stage.forget_metrics()  # a diverged G step's loss must not trip the next D step's check
+            rates = _scale_learning_rates(stage, guard.lr_factor ** rollbacks_since_good)
+            rollbacks.append({"at_step": index + 1, "to_step": good_step, "reason": reason, "learning_rates": rates})
+            history = [row for row in history if row["step"] <= good_step]
+            index = good_step
+            # fresh noise for the retried steps (the data iterator simply goes on)
+            rng.manual_seed(_seed_for(config.seed, rank, 1_000_003 * len(rollbacks) + index))
+            last_time, last_step = time.perf_counter(), index
+            if rank == 0:
+                logger.warning(
+                    "[%s] diverged at step %d (%s): rolled back to step %d, learning rates now %s (rollback %d of %d)",
+                    stage_name, rollbacks[-1]["at_step"], reason, good_step, rates, len(rollbacks), guard.max_rollbacks,
+                )
+            continue
         done = index + 1
+        index = done
         is_checkpoint = done % every == 0 or done == steps
         if not (is_checkpoint or done % log_every == 0):
             continue
@@ -767,22 +866,37 @@ def _train_worker(loop: dict) -> dict:
         # every rank reports (report is a barrier); rank 0 alone attaches the checkpoint
         if is_checkpoint and rank == 0:
             with tempfile.TemporaryDirectory(prefix="cafm_ckpt_") as tmp:
-                _write_train_state(tmp, stage, done, loop, history)
+                _write_train_state(tmp, stage, done, loop, history, rollbacks)
                 ray.train.report(
                     row, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{done:08d}"
                 )
         else:
             ray.train.report(row, checkpoint=None)
+        if is_checkpoint:
+            good_step, good_state, rollbacks_since_good = done, _copy_state(*stage.state()), 0
 
     checksums: list[str] = [stage.checksum()]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[Any] = [None] * world_size
         torch.distributed.all_gather_object(gathered, checksums[0])
         checksums = [str(c) for c in gathered]
-    return {"history": history, "start_step": start, "checksums": checksums}
+    return {"history": history, "start_step": start, "checksums": checksums, "rollbacks": rollbacks}
 
 
 # ---- driver -------------------------------------------------------------------------------
+
+
+def _divergence_guard(values: Mapping | None) -> DivergenceGuard:
+    """A ``DivergenceGuard`` from plain fields (None: the defaults), unknown fields refused by name."""
+    if values is None:
+        return DivergenceGuard()
+    if not isinstance(values, Mapping):
+        raise ValueError(f"divergence must be a dict of DivergenceGuard fields, got {type(values).__name__}")
+    known = {f.name for f in fields(DivergenceGuard)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown divergence fields {unknown}; expected a subset of {sorted(known)}")
+    return DivergenceGuard(**values)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -855,6 +969,36 @@ def _latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[bool, Any]
     return True, result.checkpoint
 
 
+def _newest_complete_checkpoint(storage_path: str, run_name: str, max_step: int) -> tuple[dict, dict, dict] | None:
+    """``(tensors, config, metadata)`` of the newest ``checkpoint_*`` folder of this run on
+    storage that verifies and is at most ``max_step``, or None. Folders that fail to verify
+    (being written, cut off) are skipped: their marker is missing or a checksum differs."""
+    fs, base = _storage_filesystem(storage_path)
+    fs = fs or pafs.LocalFileSystem()
+    run_dir = posixpath.join(os.path.abspath(base) if isinstance(fs, pafs.LocalFileSystem) else base, run_name)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted(
+        (e.path for e in entries if e.type == pafs.FileType.Directory and posixpath.basename(e.path).startswith("checkpoint_")),
+        reverse=True,  # checkpoint_{step:08d}: newest first
+    )
+    for folder in folders:
+        try:
+            files = {}
+            for entry in fs.get_file_info(pafs.FileSelector(folder)):
+                if entry.type == pafs.FileType.File:
+                    with fs.open_input_stream(entry.path) as stream:
+                        files[posixpath.basename(entry.path)] = stream.read()
+            state = checkpoint_from_bytes(files)
+        except (OSError, ValueError):  # ValueError includes CAFMInputError: incomplete or corrupted
+            continue
+        if state[1].get("format") == TRAIN_STATE_FORMAT and int(state[2]["step"]) <= max_step:
+            return state
+    return None
+
+
 def _checkpoint_state(checkpoint) -> tuple[dict[str, Tensor], dict, dict]:
     with checkpoint.as_directory() as directory:
         return load_checkpoint(directory)
@@ -886,12 +1030,18 @@ def _outputs(
         "model_dir": str(model_dir),
         # rows this run made (a fresh run's step-0 row is its starting point, e.g. a curve point)
         "history": [row for row in full_history if row["step"] > start_step or row["step"] == start_step == 0],
+        # rows up to resumed_from_step, made by an earlier (maybe interrupted) run of this name
+        "earlier_history": [row for row in full_history if row["step"] <= start_step and start_step > 0],
         "final_metrics": final_metrics,
         "steps": steps_done,
         "seconds": seconds,
         "ray_checkpoint": _checkpoint_url(checkpoint, storage_path),
         "resumed_from_step": start_step,
+        # where the last worker group started: after a worker failure, the checkpoint it restored
+        "restored_from_step": int(returned.get("start_step", start_step)),
         "worker_checksums": list(returned.get("checksums") or []),
+        # divergences survived: {at_step, to_step, reason, learning_rates} each
+        "rollbacks": list(returned.get("rollbacks") or saved_meta.get("rollbacks") or []),
     }
     if stage == "cafm":
         discriminator = build_discriminator(model_config)
@@ -902,31 +1052,39 @@ def _outputs(
 
 def _previous_run(
     storage_path: str, run_name: str, *, resume: bool, stage: str, model_config: dict, steps: int
-) -> tuple[Any, int]:
-    """The latest checkpoint of an earlier run with this name (or None) and its step."""
+) -> tuple[Any, int, int]:
+    """An earlier run with this name: ``(Ray's latest checkpoint or None, its step, the step
+    training resumes from)``. The last is the newest verified checkpoint on storage when Ray
+    did not register it (the process was killed first); the workers restore the same one."""
     exists, previous = _latest_run_checkpoint(storage_path, run_name)
     if exists and not resume:
         raise ValueError(
             f"run directory {run_name!r} already exists under {storage_path!r}; pass resume=True to continue it "
             "or choose another run_name"
         )
-    if previous is None:
-        return None, 0
-    _, saved, saved_meta = _checkpoint_state(previous)
-    if saved.get("format") != TRAIN_STATE_FORMAT or saved.get("stage") != stage:
+    saved_states = []
+    if previous is not None:
+        _, saved, saved_meta = _checkpoint_state(previous)
+        saved_states.append((saved, saved_meta))
+    newest = _newest_complete_checkpoint(storage_path, run_name, steps) if exists else None
+    if newest is not None:
+        saved_states.append(newest[1:])
+    for saved, saved_meta in saved_states:
+        if saved.get("format") != TRAIN_STATE_FORMAT or saved.get("stage") != stage:
+            raise ValueError(
+                f"run {run_name!r} under {storage_path!r} holds a {saved.get('stage')!r} checkpoint; "
+                f"cannot resume it as {stage!r}: choose another run_name"
+            )
+        if dict(saved["model"]) != dict(config_from_dict(dict(model_config)).to_dict()):
+            raise ValueError(f"run {run_name!r} was trained with model config {saved['model']}; got {model_config}")
+    previous_step = int(saved_states[0][1]["step"]) if previous is not None else 0
+    if previous_step > steps:
         raise ValueError(
-            f"run {run_name!r} under {storage_path!r} holds a {saved.get('stage')!r} checkpoint; "
-            f"cannot resume it as {stage!r}: choose another run_name"
-        )
-    if dict(saved["model"]) != dict(config_from_dict(dict(model_config)).to_dict()):
-        raise ValueError(f"run {run_name!r} was trained with model config {saved['model']}; got {model_config}")
-    step = int(saved_meta["step"])
-    if step > steps:
-        raise ValueError(
-            f"run {run_name!r} is already at step {step}, beyond the requested steps={steps}; "
+            f"run {run_name!r} is already at step {previous_step}, beyond the requested steps={steps}; "
             "ask for more steps or choose another run_name"
         )
-    return previous, step
+    start_step = max([previous_step] + [int(meta["step"]) for _, meta in saved_states])
+    return previous, previous_step, start_step
 
 
 def _run(
@@ -948,6 +1106,7 @@ def _run(
     run_name: str,
     resume: bool,
     curve: dict | None = None,
+    divergence: dict | None = None,
 ) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -961,6 +1120,7 @@ def _run(
     storage_path, run_name, output_dir = str(storage_path), str(run_name), str(output_dir)
     cpus = worker_cpus(num_workers, cpus_per_worker)
     config = train_config(stage, config_values)
+    guard = _divergence_guard(divergence)
     _check_int(f"{'fm' if stage == 'fm' else 'cafm'}_config.log_every", config.log_every, 1)
     init_files = None
     if init_checkpoint is not None:
@@ -983,10 +1143,10 @@ def _run(
             f"batch_size {config.batch_size} is larger than the {per_worker} rows each of the {num_workers} "
             f"workers gets ({total_rows} rows in {len(urls)} shards)"
         )
-    previous, start_step = _previous_run(
+    previous, previous_step, start_step = _previous_run(
         storage_path, run_name, resume=resume, stage=stage, model_config=model_config, steps=config.steps
     )
-    if previous is not None and start_step == config.steps:
+    if previous is not None and previous_step == config.steps:
         # already done (e.g. an orchestrator retry): rebuild the outputs, train nothing
         logger.info("run %r is already at step %d; returning its last checkpoint", run_name, start_step)
         return _outputs(
@@ -1009,6 +1169,9 @@ def _run(
         "use_gpu": bool(use_gpu),
         "threads": cpus,
         "curve": curve,
+        "divergence": guard.to_dict(),
+        "storage_path": storage_path,
+        "run_name": run_name,
         # the init checkpoint travels as verified bytes through the object store, so
         # workers on other nodes need no access to the driver's disk
         "init_ref": ray.put(init_files) if init_files is not None else None,
@@ -1029,6 +1192,10 @@ def _run(
     started = time.perf_counter()
     result = trainer.fit()  # V2: resumes from the run directory's latest checkpoint if there is one
     seconds = time.perf_counter() - started
+    diverged = (result.return_value or {}).get("diverged")
+    if diverged:
+        where = _checkpoint_url(result.checkpoint, storage_path) if result.checkpoint is not None else "none (no step passed)"
+        raise TrainingDiverged(f"Ray Train run {run_name!r}: {diverged}. Last good checkpoint: {where}")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name!r} finished without a checkpoint")
     return _outputs(
@@ -1054,6 +1221,7 @@ def run_flow_matching(
     run_name: str,
     resume: bool = True,
     init_checkpoint: str | None = None,
+    divergence: dict | None = None,
 ) -> dict:
     """FM pretraining on Ray Train; returns model_dir, history, final_metrics, steps, seconds, ray_checkpoint.
 
@@ -1061,13 +1229,19 @@ def run_flow_matching(
     weights; ``model_config`` may then be None (taken from the checkpoint) or must equal it.
     ``cpus_per_worker`` (default: see :func:`worker_cpus`) is each worker's CPU resource and
     torch thread count. Also returned: ``resumed_from_step`` (0 for a fresh run; ``history`` holds only rows after
-    it) and ``worker_checksums`` (one sha256 of weights + EMA per worker; equal = in sync).
+    it), ``worker_checksums`` (one sha256 of weights + EMA per worker; equal = in sync) and
+    ``rollbacks`` (divergences survived). ``divergence`` holds ``cafm_core.training.DivergenceGuard``
+    fields: a step with a NaN/inf metric or a loss/logit above ``max_abs`` rolls every worker
+    back to the last checkpoint with learning rates times ``lr_factor``; after
+    ``max_rollbacks`` it raises :class:`TrainingDiverged` (no checkpoint of the diverged state
+    is ever written).
     """
     return _run(
         stage="fm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
         model_config=model_config, config_values=fm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, storage_path=storage_path, run_name=run_name, resume=resume,
+        divergence=divergence,
     )
 
 
@@ -1088,6 +1262,7 @@ def run_cafm(
     run_name: str,
     resume: bool = True,
     curve: dict | None = None,
+    divergence: dict | None = None,
 ) -> dict:
     """CAFM post-training on Ray Train from an FM generator checkpoint (its EMA weights).
 
@@ -1106,5 +1281,5 @@ def run_cafm(
         model_config=None, config_values=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, storage_path=storage_path, run_name=run_name, resume=resume,
-        curve=curve,
+        curve=curve, divergence=divergence,
     )

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cafm_core.checkpoint import load_model, save_model
+from cafm_core.checkpoint import load_checkpoint, load_model, save_model, unflatten_state_dicts
 from cafm_core.data import load_builtin
 from cafm_core.models import MLPConfig, build_generator, dit_config
 from tasks.train import (
+    TrainingDiverged,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     run_cafm,
@@ -219,3 +224,133 @@ def test_cafm_on_digits_with_tiny_dit_bf16(tmp_path, ray_cluster, digit_shards):
     assert_in_sync(result)
     model = load_model(result["model_dir"])
     assert model(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([1, 10])).shape == (2, 1, 8, 8)
+
+
+# ---- divergence: rollback with a lower learning rate, or a clear stop -------------------
+
+
+def _finite_checkpoints(storage: Path) -> list[str]:
+    """Every Ray checkpoint under ``storage``, each checked to hold only finite tensors."""
+    names = []
+    for directory in sorted(p for p in storage.rglob("checkpoint_0*") if p.is_dir()):
+        tensors, _, _ = load_checkpoint(directory)
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), directory
+        names.append(directory.name)
+    return names
+
+
+def test_diverging_cafm_rolls_back_to_the_last_checkpoint_with_lower_learning_rates(tmp_path, ray_cluster, gaussian_shards):
+    # generator lr 10: the first generator steps after warmup blow the losses/logits past 1e4
+    init = save_model(tmp_path / "fm", build_generator(MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8)))
+    result = run_cafm(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8, init_checkpoint=str(init),
+        cafm_config={"steps": 30, "batch_size": 64, "warmup_steps": 10, "discriminator_steps": 1, "log_every": 5,
+                     "generator_lr": 10.0, "discriminator_lr": 1e-3},
+        divergence={"lr_factor": 1e-3, "max_rollbacks": 2},
+        output_dir=str(tmp_path / "cafm"), num_workers=2, checkpoint_every=10,
+        storage_path=str(tmp_path / "ray"), run_name="cafm-diverges",
+    )
+    assert result["steps"] == 30
+    rollbacks = result["rollbacks"]
+    assert len(rollbacks) == 1, rollbacks
+    assert rollbacks[0]["to_step"] == 10 and 10 < rollbacks[0]["at_step"] <= 20
+    assert "max_abs" in rollbacks[0]["reason"] or "non-finite" in rollbacks[0]["reason"]
+    assert rollbacks[0]["learning_rates"] == pytest.approx([10.0 * 1e-3, 1e-3 * 1e-3])
+    assert_history_ok(result["history"], ("d_loss", "logit_real"))  # no step twice, all finite
+    assert [row["step"] for row in result["history"]] == [5, 10, 15, 20, 25, 30]
+    assert_in_sync(result)
+    # the lowered rate is part of the saved optimiser state (a restart keeps it)
+    tensors, _, metadata = load_checkpoint(result["ray_checkpoint"])
+    states = unflatten_state_dicts(tensors)
+    saved = optimizer_state_from_tensors(states["generator_opt"], metadata["optimizers"]["generator"])
+    assert saved["param_groups"][0]["lr"] == pytest.approx(1e-2)
+    assert metadata["rollbacks"] == rollbacks
+    assert _finite_checkpoints(tmp_path / "ray") == ["checkpoint_00000020", "checkpoint_00000030"]
+
+
+def test_divergence_beyond_the_allowed_rollbacks_stops_with_a_clear_message(tmp_path, ray_cluster, gaussian_shards):
+    fm = dict(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
+        model_config=MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8).to_dict(),
+        output_dir=str(tmp_path / "fm"), num_workers=1, checkpoint_every=5,
+        storage_path=str(tmp_path / "ray"), run_name="fm-diverges",
+    )
+    with pytest.raises(TrainingDiverged, match=r"fm training diverged at step 2 \(\|fm_loss\|=.* > max_abs 10000\) "
+                       r"after 1 rollback\(s\).*last good checkpoint is step 0.*Last good checkpoint: none"):
+        run_flow_matching(fm_config={"steps": 20, "batch_size": 64, "lr": 10.0}, divergence={"max_rollbacks": 1}, **fm)
+    assert _finite_checkpoints(tmp_path / "ray") == []  # nothing written of the diverged state
+    assert not (tmp_path / "fm").exists()
+
+
+# ---- a worker process killed mid-training -----------------------------------------------
+
+
+def _kill_a_train_worker_after(checkpoint: Path, killed: list[int], stop: threading.Event) -> None:
+    """Once ``checkpoint`` exists, SIGKILL one Ray Train worker of *this* test's cluster
+    (a descendant of this process; other Ray clusters on the machine are left alone)."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        if checkpoint.is_dir():
+            for process in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(process.cmdline()):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_path, ray_cluster, gaussian_shards):
+    fm = dict(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
+        model_config=MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8).to_dict(),
+        output_dir=str(tmp_path / "fm"), num_workers=2, checkpoint_every=20,
+        storage_path=str(tmp_path / "ray"), run_name="fm-killed",
+    )
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after, args=(tmp_path / "ray" / "fm-killed" / "checkpoint_00000040", killed, stop)
+    )
+    killer.start()
+    try:
+        result = run_flow_matching(fm_config={"steps": 160, "batch_size": 64, "lr": 3e-3, "log_every": 20}, **fm)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no Ray Train worker was killed (did training end before the first checkpoint?)"
+    assert result["steps"] == 160
+    # the restarted workers began at a checkpoint, not at zero ...
+    assert 20 <= result["restored_from_step"] < 160 and result["restored_from_step"] % 20 == 0
+    # ... every reported step appears exactly once, none missing
+    assert [row["step"] for row in result["history"]] == list(range(20, 161, 20))
+    assert_history_ok(result["history"], ("fm_loss",))
+    assert_in_sync(result)
+    # optimiser and EMA state were restored, not reset: their step counts are the run's
+    tensors, _, metadata = load_checkpoint(result["ray_checkpoint"])
+    states = unflatten_state_dicts(tensors)
+    adam = optimizer_state_from_tensors(states["generator_opt"], metadata["optimizers"]["generator"])
+    assert {int(s["step"]) for s in adam["state"].values()} == {160}
+    assert metadata["ema"]["num_updates"] == 160
+
+
+def test_newest_complete_checkpoint_on_storage_skips_unfinished_folders(tmp_path):
+    from cafm_core.checkpoint import save_checkpoint
+    from tasks.train import TRAIN_STATE_FORMAT, _newest_complete_checkpoint
+
+    run = tmp_path / "ray" / "run"
+    for step in (20, 40, 60):
+        save_checkpoint(run / f"checkpoint_{step:08d}", {"w": torch.full((3,), float(step))},
+                        {"format": TRAIN_STATE_FORMAT}, {"step": step})
+    (run / "checkpoint_00000060" / "checkpoint.json").unlink()  # being written when the worker died
+    weights = run / "checkpoint_00000040" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # cut off
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files are ignored
+    tensors, _, metadata = _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=100)
+    assert metadata["step"] == 20 and torch.equal(tensors["w"], torch.full((3,), 20.0))
+    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=10) is None
+    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "missing", max_step=100) is None

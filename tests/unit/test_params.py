@@ -23,6 +23,8 @@ from flows.params import PipelineParams, smoke_params
         (["fm.stepz=3"], "stepz"),
         (["run_name=../escape"], "run_name"),
         (["sampling.method=rk4"], "method"),
+        (["compute.rollback_lr_factor=1.5"], "rollback_lr_factor"),
+        (["compute.max_rollbacks=-1"], "max_rollbacks"),
     ],
 )
 def test_bad_parameters_are_rejected_naming_the_field(overrides, message):

@@ -145,3 +145,24 @@ def test_bf16_autocast_training_updates_the_weights_it_runs():
     result = train_flow_matching(generator, fixed_batch(), config, autocast_dtype=torch.bfloat16)
     losses = [row["fm_loss"] for row in result.history]
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+
+
+def test_divergence_guard_names_non_finite_and_exploding_metrics():
+    from cafm_core.training import DivergenceGuard
+
+    guard = DivergenceGuard(max_abs=100.0)
+    assert guard.reason({"fm_loss": 0.5, "grad_norm": 1e6}) is None  # gradient norms are not watched
+    assert guard.reason({"d_loss": 2.0, "logit_real": -99.0}) is None
+    assert guard.reason({"d_loss": 2.0, "logit_fake": -250.0}) == "|logit_fake|=250 > max_abs 100"
+    assert guard.reason({"fm_loss": float("nan"), "grad_norm": float("inf")}) == "non-finite fm_loss=nan, grad_norm=inf"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_abs": 0}, "max_abs"), ({"max_rollbacks": -1}, "max_rollbacks"), ({"lr_factor": 1.0}, r"lr_factor .* \(0, 1\)")],
+)
+def test_divergence_guard_rejects_bad_settings(kwargs, message):
+    from cafm_core.training import DivergenceGuard
+
+    with pytest.raises(CAFMInputError, match=message):
+        DivergenceGuard(**kwargs)

@@ -1,0 +1,41 @@
+"""Evaluation reads image samples shard by shard and gets the same metrics as all at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save as safetensors_save
+
+from cafm_core.evaluation import evaluate_samples
+from cafm_core.features import extract_features
+from tasks.evaluate import _PICTURED, _streamed_image_metrics
+from tasks.prepare import load_for_evaluation, prepare_dataset
+from tasks.storage import Store
+
+
+def test_streamed_image_metrics_equal_the_in_memory_ones(tmp_path):
+    store = Store(str(tmp_path))
+    data_url = store.url("digits")
+    prepare_dataset("digits", store, data_url, feature_steps=20)
+    dataset, _, feature_net = load_for_evaluation(store, data_url)
+    generator = torch.Generator().manual_seed(0)
+    samples = (dataset.data[:300] + 0.3 * torch.randn(300, *dataset.data.shape[1:], generator=generator)).clamp(-1, 1)
+    labels = dataset.labels[:300]
+    urls = []
+    for index, start in enumerate(range(0, 300, 128)):  # shards of 128, 128, 44
+        url = store.url("samples", f"part-{index:05d}.safetensors")
+        store.write_bytes(url, safetensors_save({"samples": samples[start : start + 128].contiguous(),
+                                                 "labels": labels[start : start + 128].contiguous()}))
+        urls.append(url)
+
+    features = lambda x: extract_features(feature_net, x)  # noqa: E731
+    real_features = features(dataset.data)
+    streamed, pictured = _streamed_image_metrics(
+        store, urls, dataset, features=features, classifier=feature_net, real_features=real_features,
+        inception=None, real_inception=None, seed=3)
+    at_once = evaluate_samples(samples, dataset, features=features, classifier=feature_net, labels=labels,
+                               real_features=real_features, seed=3)
+    assert set(streamed) == set(at_once) == {"fd", "kid", "kid_std", "precision", "recall", "class_accuracy"}
+    for key, value in at_once.items():
+        assert streamed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert torch.equal(pictured, samples[:_PICTURED])
