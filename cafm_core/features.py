@@ -256,12 +256,19 @@ def extract_features(model: DigitFeatureNet, images: torch.Tensor, batch_size: i
     return torch.cat(outputs) if outputs else torch.empty(0, model.config["feature_dim"])
 
 
-@torch.no_grad()
 def class_accuracy(model: DigitFeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Share of ``images`` the classifier assigns to their given ``labels`` (for conditional samples)."""
     check_tensor("images", images, ndim=4, floating=True)
-    check_tensor("labels", labels, shape=(images.shape[0],), floating=False)
-    if images.shape[0] == 0:
+    return class_accuracy_from_features(model, extract_features(model, images, batch_size), labels)
+
+
+@torch.no_grad()
+def class_accuracy_from_features(model: DigitFeatureNet, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """:func:`class_accuracy` from features already extracted (``extract_features``), so an
+    evaluation that needs both runs the network once."""
+    check_tensor("features", features, ndim=2, floating=True)
+    check_tensor("labels", labels, shape=(features.shape[0],), floating=False)
+    if features.shape[0] == 0:
         raise CAFMInputError("class_accuracy needs at least one image, got 0")
     num_classes = model.config["num_classes"]
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
@@ -272,13 +279,11 @@ def class_accuracy(model: DigitFeatureNet, images: torch.Tensor, labels: torch.T
     model.eval()
     try:
         parameter = next(model.parameters())
-        correct = 0
-        for start in range(0, images.shape[0], batch_size):
-            logits = model(images[start : start + batch_size].to(parameter.device, parameter.dtype))
-            correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size].cpu()).sum())
+        logits = model.classifier(features.to(parameter.device, parameter.dtype))
+        correct = int((logits.argmax(dim=1).cpu() == labels.cpu()).sum())
     finally:
         model.train(was_training)
-    return correct / images.shape[0]
+    return correct / features.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,26 +161,39 @@ def kernel_inception_distance(
 # ---------------------------------------------------------------------------------------------
 # Precision / recall (Kynkäänniemi et al. 2019)
 
-_DISTANCE_CHUNK = 1024
+# Distances are computed tile by tile (rows x columns) and reduced at once, so memory is
+# bounded by one tile (1,024 x 8,192 float64 = 64 MiB) whatever the number of samples.
+_ROW_TILE = 1024
+_COLUMN_TILE = 8192
 
 
-def _knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
+def _tiles(count: int, size: int):
+    return ((start, min(start + size, count)) for start in range(0, count, size))
+
+
+def _knn_radii(points: torch.Tensor, k: int, *, rows: int = _ROW_TILE, columns: int = _COLUMN_TILE) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
-    radii = []
-    for start in range(0, points.shape[0], _DISTANCE_CHUNK):
-        distances = torch.cdist(points[start : start + _DISTANCE_CHUNK], points)
-        # k + 1 smallest includes the point itself at distance 0.
-        radii.append(distances.topk(k + 1, dim=1, largest=False).values[:, k])
-    return torch.cat(radii)
+    radii = torch.empty(points.shape[0], dtype=points.dtype)
+    for row_start, row_end in _tiles(points.shape[0], rows):
+        nearest = None  # the k + 1 smallest distances so far (the point itself at 0 among them)
+        for column_start, column_end in _tiles(points.shape[0], columns):
+            distances = torch.cdist(points[row_start:row_end], points[column_start:column_end])
+            if nearest is not None:
+                distances = torch.cat([nearest, distances], dim=1)
+            nearest = distances.topk(min(k + 1, distances.shape[1]), dim=1, largest=False).values
+        radii[row_start:row_end] = nearest[:, k]
+    return radii
 
 
-def _within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+def _within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, *,
+                     rows: int = _ROW_TILE, columns: int = _COLUMN_TILE) -> torch.Tensor:
     """Whether each query lies inside at least one ball (support point, its radius)."""
-    inside = []
-    for start in range(0, queries.shape[0], _DISTANCE_CHUNK):
-        distances = torch.cdist(queries[start : start + _DISTANCE_CHUNK], support)
-        inside.append((distances <= radii.unsqueeze(0)).any(dim=1))
-    return torch.cat(inside)
+    inside = torch.zeros(queries.shape[0], dtype=torch.bool)
+    for row_start, row_end in _tiles(queries.shape[0], rows):
+        for column_start, column_end in _tiles(support.shape[0], columns):
+            distances = torch.cdist(queries[row_start:row_end], support[column_start:column_end])
+            inside[row_start:row_end] |= (distances <= radii[column_start:column_end].unsqueeze(0)).any(dim=1)
+    return inside
 
 
 def precision_recall(real: ArrayLike, fake: ArrayLike, *, k: int = 3) -> tuple[float, float]:

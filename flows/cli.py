@@ -5,6 +5,7 @@
     cafm-pipeline run --set fm.steps=500 --set storage_root=s3://bucket/runs
     cafm-pipeline run --params my_params.json --stage evaluate
     cafm-pipeline sweep --set space.generator_lr=[1e-5,3e-5]   # CAFM sweep on Ray Tune
+    cafm-pipeline replay-tracking --set run_name=digits   # send what MLflow missed (it was down)
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="e.g. space.ema_decay=[0.99,0.999] (adds to the grid), "
                             "space='{\"generator_lr\": [1e-5, 3e-5]}' (replaces it), pipeline.cafm.steps=600")
+    replay = sub.add_parser("replay-tracking", help="send to MLflow what a run could not log (tracking_unlogged.json) "
+                                                    "and end the MLflow runs a killed attempt left RUNNING")
+    replay.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    replay.add_argument("--params", help="JSON file with the run's parameters (run_name, storage_root, tracking_uri)")
+    replay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show = sub.add_parser("params", help="print the parameters a run would use, as JSON")
     show.add_argument("--profile", choices=sorted(PROFILES), default="default")
     show.add_argument("--params")
@@ -96,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.storage import StorageError
     from tasks.tracking import TrackingError
 
+    if args.command == "replay-tracking":
+        try:
+            result = pipeline_module.preflight(params)  # reachable, then replayed
+        except (StorageError, TrackingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not result["found"]:
+            print(f"nothing to replay: no {result['record']}")
+        elif result["left"]:
+            print(f"{result['left']} item(s) still not logged; kept in {result['record']}", file=sys.stderr)
+        else:
+            print(f"sent {result['replayed']} item(s) from {result['record']} to MLflow; the file is removed")
+        if result["ended_runs"]:
+            print(f"ended {len(result['ended_runs'])} run(s) a stopped process left RUNNING: {', '.join(result['ended_runs'])}")
+        return 1 if result["left"] else 0
     if args.command == "sweep":
         from flows.sweep import sweep_flow
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
@@ -32,7 +35,7 @@ from tasks.prepare import shard_urls as prepared_shard_urls
 from tasks.sampling import generate_sample_shards
 from tasks.secrets import load_secret_blocks
 from tasks.storage import Store, check_reachable
-from tasks.tracking import Tracker, default_tracking_uri
+from tasks.tracking import OWNER_HOST_TAG, OWNER_PID_TAG, Tracker, default_tracking_uri, owner_gone
 from tasks.train import run_cafm, run_flow_matching, start_cluster, worker_cpus
 
 STAGES = ("data", "fm", "cafm", "samples", "eval")
@@ -46,6 +49,9 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+RUN_URL_TAG = "cafm.run_url"
+
+
 class Run:
     """Where one pipeline run's stages live, and their fingerprints."""
 
@@ -53,6 +59,7 @@ class Run:
         self.params = params
         self.store = Store(params.storage_root)
         self.base = self.store.url(params.run_name)
+        self.tags = {RUN_URL_TAG: self.base}  # on every MLflow run of this pipeline run
 
     def url(self, stage: str, *parts: str) -> str:
         return Store.join(self.base, stage, *parts)
@@ -109,17 +116,53 @@ def _tracker(params: PipelineParams) -> Tracker:
     return _TRACKERS[uri, params.experiment]
 
 
+UNLOGGED_FILE = "tracking_unlogged.json"
+
+
+def _log() -> logging.Logger:
+    """The Prefect run logger inside a flow (shown in the UI), else this module's logger."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def replay_unlogged(params: PipelineParams) -> dict:
+    """Send what an earlier attempt of this run could not log (``<run>/tracking_unlogged.json``:
+    it stopped while MLflow was down), then end the MLflow runs a killed attempt left RUNNING.
+    Runs at the start of every flow (and as ``cafm-pipeline replay-tracking``); a record whose
+    process is still alive is left to that process."""
+    run, tracker = Run(params), _tracker(params)
+    url = Store.join(run.base, UNLOGGED_FILE)
+    result = {"record": url, "found": run.store.exists(url), "replayed": 0, "left": 0}
+    if result["found"]:
+        record = json.loads(run.store.read_bytes(url))
+        pid = record.get(OWNER_PID_TAG)
+        if record.get(OWNER_HOST_TAG) == socket.gethostname() and pid and not owner_gone(pid):
+            _log().info("%s belongs to the live process %s: left to it", url, pid)
+            result["left"] = len(record["items"])
+        else:
+            sent = tracker.replay(record)
+            result["replayed"] = len(record["items"]) if sent else 0
+            result["left"] = 0 if sent else len(tracker.pending)
+            _note_unlogged(run, tracker)  # removes the file, or rewrites it with what is still queued
+            _log().warning("%s: %s item(s) an earlier attempt could not log %s", url, len(record["items"]),
+                        "are now in MLflow" if sent else f"are still queued ({tracker.last_error})")
+    result["ended_runs"] = tracker.end_orphaned_runs(RUN_URL_TAG, run.base)
+    return result
+
+
 def _note_unlogged(run: Run, tracker: Tracker) -> list[dict]:
     """After a stage: what MLflow has not received yet, with its values, in
     ``<run>/tracking_unlogged.json`` (removed once everything is logged); returns the summary."""
-    url = Store.join(run.base, "tracking_unlogged.json")
+    url = Store.join(run.base, UNLOGGED_FILE)
     if tracker.flush():
         run.store.remove(url, recursive=False)
         return []
     # plain json.dumps: a NaN metric must not stop the record (Python's json reads it back)
     run.store.write_bytes(url, json.dumps(tracker.unlogged_record(), indent=2, default=str).encode())
     summary = tracker.unlogged()
-    get_run_logger().warning("MLflow unavailable (%s): %d item(s) not logged yet, kept in %s: %s", tracker.last_error,
+    _log().warning("MLflow unavailable (%s): %d item(s) not logged yet, kept in %s: %s", tracker.last_error,
                              len(summary), url, "; ".join(f"{i['run']}: {i['what']}" for i in summary[:8]))
     return summary
 
@@ -147,7 +190,7 @@ def prepare_task(params: PipelineParams, parent_run_id: str | None = None) -> di
         get_run_logger().info("data stage complete at %s: skipped", run.url("data"))
         return done
     tracker = _tracker(params)
-    with tracker.run("prepare", params.data.model_dump(), parent_run_id=parent_run_id):
+    with tracker.run("prepare", params.data.model_dump(), parent_run_id=parent_run_id, tags=run.tags):
         manifest = prepare_dataset(
             params.data.source, run.store, run.url("data", "out"), resolution=params.data.resolution,
             channels=params.data.channels, max_bad_fraction=params.data.max_bad_fraction,
@@ -177,7 +220,7 @@ def _train_stage(params: PipelineParams, stage: str, parent_run_id: str | None) 
     tracker = _tracker(params)
     stage_params = params.fm.model_dump() if stage == "fm" else params.cafm.model_dump()
     _ray(params)
-    with tracker.run(stage, stage_params, parent_run_id=parent_run_id), \
+    with tracker.run(stage, stage_params, parent_run_id=parent_run_id, tags=run.tags), \
             tempfile.TemporaryDirectory() as scratch:
         if stage == "fm":
             result = run_flow_matching(model_config=_model_config(params, manifest), fm_config=params.fm.core_config(params.seed),
@@ -263,7 +306,7 @@ def evaluate_task(params: PipelineParams, parent_run_id: str | None = None) -> d
         return done
     layout = run.require("samples")["layout"]
     tracker = _tracker(params)
-    with tracker.run("evaluate", params.sampling.model_dump(), parent_run_id=parent_run_id):
+    with tracker.run("evaluate", params.sampling.model_dump(), parent_run_id=parent_run_id, tags=run.tags):
         result = evaluate_stage(run.store, data_url=run.require("data")["data_url"], sample_layout=layout,
                                 settings=_settings(params), seeds=params.eval_seeds, out_url=run.url("eval", "out"),
                                 inception_weights=params.inception_weights)
@@ -299,53 +342,57 @@ def artifact_url(url: str) -> str:
     return url if "://" in url else Path(url).resolve().as_uri()
 
 
-def _check_early(params: PipelineParams) -> None:
+def preflight(params: PipelineParams) -> dict:
+    """Before any compute: secrets loaded, storage and MLflow reachable (clear errors now),
+    then what an earlier attempt of this run left unlogged or RUNNING is put right
+    (:func:`replay_unlogged`, whose result this returns)."""
     load_secret_blocks()  # credentials named in CAFM_SECRET_BLOCKS, before anything touches storage
     check_reachable(params.storage_root)
     if params.inception_weights:
         load_inception_features(params.inception_weights)  # a clear error now, not after training
     # raises TrackingError with the URI if the store is unusable now (later outages are buffered)
     Tracker(params.tracking_uri or default_tracking_uri(params.storage_root), params.experiment)
+    return replay_unlogged(params)
 
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(params: PipelineParams = PipelineParams()) -> dict:
-    _check_early(params)
+    preflight(params)
     return prepare_task(params)
 
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(params: PipelineParams = PipelineParams()) -> dict:
-    _check_early(params)
+    preflight(params)
     return pretrain_task(params)
 
 
 @flow(name="posttrain", log_prints=True)
 def posttrain_flow(params: PipelineParams = PipelineParams()) -> dict:
-    _check_early(params)
+    preflight(params)
     return posttrain_task(params)
 
 
 @flow(name="sample", log_prints=True)
 def sample_flow(params: PipelineParams = PipelineParams()) -> dict:
-    _check_early(params)
+    preflight(params)
     return sample_task(params)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: PipelineParams = PipelineParams()) -> dict:
-    _check_early(params)
+    preflight(params)
     return evaluate_task(params)
 
 
 @flow(name="cafm-pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """The whole DAG; returns where the results are and the FM-vs-CAFM table."""
-    _check_early(params)
+    preflight(params)
     tracker = _tracker(params)
     run = Run(params)
     with tracker.run(f"pipeline-{params.run_name}", {"run_name": params.run_name, "storage_root": params.storage_root,
-                                                     "seed": params.seed}) as parent_id:
+                                                     "seed": params.seed}, tags=run.tags) as parent_id:
         data = prepare_task(params, parent_id)
         fm = pretrain_task(params, parent_id)
         cafm = posttrain_task(params, parent_id) if params.cafm.enabled else None

@@ -30,7 +30,7 @@ from cafm_core.evaluation import (
 )
 from cafm_core.plots import training_curves
 from flows.params import SweepParams
-from flows.pipeline import Run, StageMismatch, _check_early, artifact_url, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
+from flows.pipeline import Run, StageMismatch, preflight, artifact_url, _fingerprint, _ray, _settings, _tracker, prepare_task, pretrain_task
 from tasks.storage import Store
 from tasks.sweep import run_sweep, trial_name
 
@@ -68,6 +68,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
         curve_setting=SamplerSetting(pipeline.sampling.method, params.curve_nfe, 1.0),
         curve_every=params.curve_every, curve_samples=params.curve_samples,
         cpus_per_trial=params.cpus_per_trial, out_url=out_url, name=params.name,
+        divergence=pipeline.compute.divergence(),
     )
     keys = result["metrics"]
     metric = "fd" if "fd" in keys else "sliced_wasserstein"
@@ -78,8 +79,18 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     ranking = rank_models(summary, metric)
     table = format_table(summary, floor, keys)
     failed = [t["name"] for t in result["trials"] if t["error"]]
-    points = "\n".join(f"- `{t['name']}`: {t['point']}" + (f" (failed: {t['error'][:200]})" if t["error"] else "")
-                       for t in result["trials"])
+    diverged = {t["name"]: t["diverged"] for t in result["trials"] if t.get("diverged")}
+
+    def outcome(trial: dict) -> str:
+        if trial["error"]:
+            return f" (failed: {trial['error'][:200]})"
+        if trial["name"] in diverged:
+            return f" (**diverged** at step {diverged[trial['name']]['step']}: {diverged[trial['name']]['reason']}; not evaluated)"
+        return ""
+
+    points = "\n".join(f"- `{t['name']}`: {t['point']}{outcome(t)}" for t in result["trials"])
+    for name, what in diverged.items():
+        get_run_logger().warning("sweep %s: trial %s diverged at step %d (%s)", params.name, name, what["step"], what["reason"])
     ranked = "\n".join(f"{i + 1}. {name}: {value:.4g}" for i, (name, value) in enumerate(ranking))
     paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"])
                        for t in result["trials"] if t.get("rows"))
@@ -99,7 +110,10 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     tracker = _tracker(pipeline)
     configs = {t["name"]: t["config"] for t in trials}
     for trial in result["trials"]:
-        with tracker.run(trial["name"], {"point": trial["point"], "cafm": configs[trial["name"]]}, parent_run_id=parent_run_id):
+        tags = {"cafm.diverged": f"step {diverged[trial['name']]['step']}: {diverged[trial['name']]['reason']}"} \
+            if trial["name"] in diverged else None
+        with tracker.run(trial["name"], {"point": trial["point"], "cafm": configs[trial["name"]]}, parent_run_id=parent_run_id,
+                         tags=tags):
             tracker.log_history(trial["curve"])
             for row in summary:
                 if row["model"] == trial["name"]:
@@ -115,7 +129,8 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
                              description="CAFM sweep: FM vs every trial at identical sampler settings")
     create_image_artifact(image_url=artifact_url(Store.join(out_url, "curves.png")), key="sweep-curves", description="diagnostic curves of every trial")
     outputs = {"report_url": Store.join(out_url, "report.md"), "table": table, "ranking": ranking,
-               "best": next((name for name, _ in ranking if name != "FM"), None), "failed": failed}
+               "best": next((name for name, _ in ranking if name != "FM"), None), "failed": failed,
+               "diverged": sorted(diverged)}
     if not failed:  # a sweep with failed trials is reported but not marked complete: a rerun retries it
         run.store.mark_complete(out_url, {"fingerprint": fingerprint, "outputs": outputs})
     return outputs
@@ -126,7 +141,7 @@ def sweep_flow(params: SweepParams = SweepParams()) -> dict:
     """Prepare and FM-pretrain (skipped when complete; no FM stage when
     ``pipeline.cafm.init_checkpoint`` names the generator to start from), then the sweep."""
     pipeline = params.pipeline
-    _check_early(pipeline)
+    preflight(pipeline)
     tracker = _tracker(pipeline)
     with tracker.run(f"sweep-{params.name}", {"run_name": pipeline.run_name, "space": params.space,
                                               "storage_root": pipeline.storage_root}) as parent_id:

@@ -25,7 +25,7 @@ from cafm_core.evaluation import (
     summarise_over_seeds,
 )
 from cafm_core.checks import CAFMInputError
-from cafm_core.features import class_accuracy, extract_features, load_inception_features
+from cafm_core.features import class_accuracy_from_features, extract_features, load_inception_features
 from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from tasks.prepare import load_for_evaluation
@@ -47,11 +47,12 @@ def _streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, fea
         if samples.shape[1:] != dataset.data.shape[1:]:
             raise CAFMInputError(f"samples in {url} have shape {tuple(samples.shape[1:])} per item, the dataset "
                                  f"{tuple(dataset.data.shape[1:])}")
-        fake.append(features(samples))
+        shard_features = features(samples)
+        fake.append(shard_features)
         if inception is not None:
             fake_inception.append(inception(samples))
         if classifier is not None and labels is not None:
-            correct += class_accuracy(classifier, samples, labels) * len(samples)
+            correct += class_accuracy_from_features(classifier, shard_features, labels) * len(samples)
             labelled += len(samples)
         if sum(len(p) for p in pictured) < _PICTURED:
             pictured.append(samples[: _PICTURED - sum(len(p) for p in pictured)].clone())

@@ -7,6 +7,10 @@ small enough that a trial per CPU beats data parallelism), and:
 * every ``curve_every`` steps reports the training rows (D/G losses, real/fake logits,
   gradient norms) together with a diagnostic curve point: the metric of the generator and
   of its EMA on a fixed small sample (``cafm_core.evaluation.TrainingCurve``);
+* stops as soon as a step's metrics diverge (``cafm_core.training.DivergenceGuard``: NaN/inf
+  or exploding losses/logits) and reports the trial as *diverged* at that step, with the
+  reason, unevaluated: in a sweep a setting that diverges is a result, not something to
+  rescue with another learning rate (the pipeline's stages roll back instead);
 * at the end evaluates its EMA generator at every sampler setting and seed, exactly as the
   pipeline's evaluation does (same settings, seeds, labels and feature network), and
   writes the generator to ``<out_url>/trials/<trial>/model``.
@@ -38,7 +42,7 @@ from cafm_core.evaluation import (
     noise_floor,
 )
 from cafm_core.models import discriminator_from_generator
-from cafm_core.training import infinite_batches, train_cafm
+from cafm_core.training import DivergenceGuard, infinite_batches, train_cafm
 from tasks.prepare import load_for_evaluation
 from tasks.storage import Store
 from tasks.train import _storage_filesystem, train_config
@@ -61,6 +65,12 @@ def trial_name(index: int, point: Mapping[str, Any]) -> str:
 
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if _is_number(v)}
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"diverged at step {step}: {reason}")
+        self.step, self.reason = step, reason
 
 
 def _trial(config: dict, *, spec: dict) -> None:
@@ -87,13 +97,26 @@ def _trial(config: dict, *, spec: dict) -> None:
     # the curve's starting point: the FM generator itself
     tune.report({"step": 0, **curve(generator, ema), "seconds": 0.0})
 
+    guard = DivergenceGuard(**spec["divergence"])
+    logged = [0]  # the last step whose metrics were checked
+
     def on_log(step: int, row: dict) -> None:
-        done = step + 1
+        done = logged[0] = step + 1
+        reason = guard.reason({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+        if reason:
+            raise _Diverged(done, reason)
         if done % spec["curve_every"] and done != cfg.steps:
             return
         tune.report({**_finite(row), "step": done, **curve(generator, ema), "seconds": time.perf_counter() - started})
 
-    train_cafm(generator, discriminator, batches, cfg, ema=ema, callback=on_log)
+    try:
+        train_cafm(generator, discriminator, batches, cfg, ema=ema, callback=on_log)
+    except (_Diverged, FloatingPointError) as exc:  # train_cafm raises the latter on NaN/inf itself
+        step, reason = (exc.step, exc.reason) if isinstance(exc, _Diverged) else (logged[0] + 1, str(exc))
+        store.write_json(Store.join(spec["out_url"], "trials", trial["name"], "diverged.json"),
+                         {"step": step, "reason": reason, "point": point})
+        tune.report({"step": step, "final": 1.0, "diverged_at_step": step, "seconds": time.perf_counter() - started})
+        return
     ema.copy_to(generator)
     settings = [SamplerSetting(**s) for s in spec["settings"]]
     rows = evaluate_generator(generator, dataset, settings, feature_net=feature_net,
@@ -125,6 +148,7 @@ def run_sweep(
     cpus_per_trial: int,
     out_url: str,
     name: str,
+    divergence: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run every trial (``{"name", "point", "config"}``, config: CAFMConfig fields) with Ray
     Tune; returns each trial's curve and evaluation rows, the FM generator's rows and the
@@ -155,7 +179,7 @@ def run_sweep(
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,
         "settings": [s.to_dict() for s in settings], "seeds": list(seeds), "num_samples": num_samples,
         "curve_setting": curve_setting.to_dict(), "curve_every": curve_every, "curve_samples": curve_samples,
-        "threads": cpus_per_trial,
+        "threads": cpus_per_trial, "divergence": DivergenceGuard(**(divergence or {})).to_dict(),
     }
     storage_fs, storage_base = _storage_filesystem(Store.join(out_url, "tune"))
     tuner = tune.Tuner(
@@ -186,7 +210,9 @@ def run_sweep(
         entry = {"name": trial["name"], "point": trial["point"], "curve": curve,
                  "error": None if result.error is None else str(result.error)}
         final = next((row for row in reversed(history) if row.get("final")), None)
-        if final is not None:
+        if final is not None and "diverged_at_step" in final:
+            entry["diverged"] = store.read_json(Store.join(out_url, "trials", trial["name"], "diverged.json"))
+        elif final is not None:
             entry["rows"] = _rows_from_report(final, settings, seeds)
             entry["model_url"] = Store.join(out_url, "trials", trial["name"], "model")
         outcomes.append(entry)

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key")
 MLFLOW_MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
+
+
+OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"
+
+
+def owner_gone(pid: str | None) -> bool:
+    """Whether the process that opened a run (on this host) no longer exists."""
+    if pid is None or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class TrackingError(RuntimeError):
@@ -229,8 +246,11 @@ class Tracker:
         if parent is None and self._stack:
             parent = self._stack[-1]
         self._runs[key] = {"name": name, "run_id": None}
+        # who owns the run: lets a later process end it if this one is killed (end_orphaned_runs)
+        owner = {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
         self._submit({"kind": "create_run", "run": key, "name": name, "parent": parent,
-                      "params": flat_params(params) if params else {}, "tags": {str(k): str(v) for k, v in (tags or {}).items()}})
+                      "params": flat_params(params) if params else {},
+                      "tags": {**owner, **{str(k): str(v) for k, v in (tags or {}).items()}}})
         self._stack.append(key)
         status = "FAILED"
         try:
@@ -239,6 +259,33 @@ class Tracker:
         finally:
             self._stack.pop()
             self._submit({"kind": "end_run", "run": key, "status": status})
+
+    def end_orphaned_runs(self, tag: str, value: str) -> list[str]:
+        """End as ``KILLED`` the runs still ``RUNNING`` with ``tag == value`` whose owner process
+        is gone (same host, pid no longer alive), as a killed pipeline leaves them; tags each
+        with why. Runs of a live process or of another host are left alone. Best effort: an
+        unavailable server ends nothing. Returns the ids of the runs ended."""
+        if not self.flush() or self.experiment_id is None or "'" in value:
+            return []
+        ended = []
+        try:
+            runs = self.client.search_runs([self.experiment_id], filter_string=(
+                f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"), max_results=1000)
+            for found in runs:
+                tags = found.data.tags
+                if tags.get(OWNER_HOST_TAG) != socket.gethostname() or not owner_gone(tags.get(OWNER_PID_TAG)):
+                    continue
+                self.client.set_tag(found.info.run_id, "cafm.ended_by",
+                                    f"process {os.getpid()} on {socket.gethostname()}: its owner "
+                                    f"(pid {tags[OWNER_PID_TAG]}) stopped without ending it")
+                self.client.set_terminated(found.info.run_id, "KILLED")
+                ended.append(found.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run
+            log.warning("could not end the runs a stopped process left RUNNING (%s)", exc)
+        if ended:
+            log.warning("ended %d MLflow run(s) left RUNNING by a stopped process (%s = %s): %s", len(ended), tag,
+                        value, ", ".join(ended))
+        return ended
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
         self._log_rows([(metrics, step)], prefix)
@@ -299,10 +346,23 @@ class Tracker:
         return out
 
     def unlogged_record(self) -> dict:
-        """Everything still queued, values included: what :func:`write_unlogged` stores."""
+        """Everything still queued, values included, and the process that queued it: what the
+        pipeline stores as ``tracking_unlogged.json`` and :meth:`replay` sends later."""
         return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "error": self.last_error,
+                OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid()),
                 "runs": {k: dict(v) for k, v in self._runs.items()}, "summary": self.unlogged(),
                 "items": [dict(item) for item in self.pending]}
+
+    def replay(self, record: Mapping) -> bool:
+        """Take over what an earlier process could not log (its :meth:`unlogged_record`) and
+        send it, in order, before anything this tracker queued; True when all of it is sent.
+        What is not sent stays queued here (and in this tracker's own record)."""
+        if record.get("tracking_uri") != self.tracking_uri or record.get("experiment") != self.experiment:
+            raise TrackingError(f"the unlogged record is for {record.get('tracking_uri')} / {record.get('experiment')!r}, "
+                                f"not {self.tracking_uri} / {self.experiment!r}")
+        self._runs.update({key: dict(value) for key, value in record["runs"].items()})
+        self.pending[:0] = [dict(item) for item in record["items"]]
+        return self.flush()
 
     # ---- model registry (needs the server now; reported, never buffered) -----------------
 

@@ -8,6 +8,7 @@ everything, in order, each value once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -141,3 +142,71 @@ def test_a_stage_started_while_the_server_is_down_is_created_later(mlflow_server
     (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
     assert run.info.run_name == "prepare" and run.data.params == {"source": "digits"}
     assert run.data.metrics == {"count": 1797.0} and run.info.status == "FINISHED"
+
+
+_STOPPED_ATTEMPT = """
+import os, sys
+from flows import pipeline
+from flows.params import PipelineParams
+
+params = PipelineParams(storage_root=sys.argv[1], run_name="replayed", tracking_uri=sys.argv[2], experiment="replay")
+tracker, run = pipeline._tracker(params), pipeline.Run(params)
+tracker.retry_after_s = 0
+if sys.argv[3] == "killed":  # the server is up: a stage run is created, then the process dies inside it
+    with tracker.run("killed-stage", {"lr": 0.1}, tags=run.tags):
+        tracker.log_metrics({"fm_loss": 2.0}, step=5)
+        assert tracker.flush()
+        os._exit(0)
+with tracker.run("pipeline-replayed", {"seed": 0}, tags=run.tags):  # the server is down all along
+    with tracker.run("fm", {"lr": 0.001}, tags=run.tags):
+        tracker.log_history([{"step": 10, "fm_loss": 1.0}, {"step": 20, "fm_loss": 0.5}])
+        tracker.log_dict({"rollbacks": []}, "rollbacks.json")
+print("unlogged:", len(pipeline._note_unlogged(run, tracker)))
+"""
+
+
+def test_what_a_stopped_run_could_not_log_is_sent_by_replay_tracking(mlflow_server, tmp_path):
+    """A pipeline process that ended while MLflow was down leaves ``tracking_unlogged.json``;
+    one killed mid-stage leaves its run RUNNING. ``cafm-pipeline replay-tracking`` (also run
+    at the start of every rerun) sends the first and ends the second as KILLED."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PREFECT_HOME": str(tmp_path / "prefect")}
+    root = tmp_path / "runs"
+
+    def attempt(kind: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _STOPPED_ATTEMPT, str(root), mlflow_server.uri, kind],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    killed = attempt("killed")
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    mlflow_server.stop()
+    stopped = attempt("outage")
+    assert stopped.returncode == 0 and "unlogged: 6" in stopped.stdout, stopped.stderr[-3000:]
+    record_file = root / "replayed" / "tracking_unlogged.json"
+    assert record_file.exists()
+
+    cli = [sys.executable, "-m", "flows.cli", "replay-tracking", "--set", f"storage_root={root}",
+           "--set", "run_name=replayed", "--set", f"tracking_uri={mlflow_server.uri}", "--set", "experiment=replay"]
+    down = subprocess.run(cli, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert down.returncode == 2 and "unreachable" in down.stderr  # the server is still down: nothing changes
+    assert json.loads(record_file.read_text())["items"]
+
+    mlflow_server.start()
+    replayed = subprocess.run(cli, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr[-3000:]
+    assert "sent 6 item(s)" in replayed.stdout and "ended 1 run(s)" in replayed.stdout
+    assert not record_file.exists()
+    client = MlflowClient(mlflow_server.uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("replay").experiment_id])}
+    assert set(runs) == {"killed-stage", "pipeline-replayed", "fm"}
+    fm = runs["fm"]
+    assert fm.info.status == "FINISHED" and fm.data.tags["mlflow.parentRunId"] == runs["pipeline-replayed"].info.run_id
+    assert sorted((m.step, m.value) for m in client.get_metric_history(fm.info.run_id, "fm_loss")) == [(10, 1.0), (20, 0.5)]
+    assert [a.path for a in client.list_artifacts(fm.info.run_id)] == ["rollbacks.json"]
+    assert runs["pipeline-replayed"].info.status == "FINISHED"
+    stage = runs["killed-stage"]
+    assert stage.info.status == "KILLED" and "stopped without ending it" in stage.data.tags["cafm.ended_by"]
+    assert client.get_metric_history(stage.info.run_id, "fm_loss")[0].value == 2.0  # what it logged is kept
+
+    again = subprocess.run(cli, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to replay" in again.stdout, again.stderr[-3000:]

@@ -102,18 +102,22 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
     bucket = module_bucket.removeprefix("s3://")
     client = boto3.client("s3")
     fm_done = client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"]
-    sweep = SweepParams(pipeline=params, name="it-sweep", space={"generator_lr": [1e-5, 1e-4]},
+    # generator lr 10 diverges within a few generator steps: reported as such, not a failure
+    sweep = SweepParams(pipeline=params, name="it-sweep", space={"generator_lr": [1e-5, 10.0]},
                         curve_every=20, curve_samples=64, curve_nfe=4)
     outputs = sweep_flow(sweep)
 
     ranked = [name for name, _ in outputs["ranking"]]
-    assert sorted(ranked) == sorted(["FM", "t00-generator_lr=1e-05", "t01-generator_lr=0.0001"])
-    assert outputs["best"] in ranked and outputs["best"] != "FM"
-    assert outputs["failed"] == []
+    assert sorted(ranked) == sorted(["FM", "t00-generator_lr=1e-05"])
+    assert outputs["best"] == "t00-generator_lr=1e-05"
+    assert outputs["failed"] == [] and outputs["diverged"] == ["t01-generator_lr=10"]
     keys = _keys(bucket)
     for expected in ("report.md", "curves.png", "sweep.json", "_COMPLETE.json",
-                     "trials/t00-generator_lr=1e-05/model/checkpoint.json"):
+                     "trials/t00-generator_lr=1e-05/model/checkpoint.json", "trials/t01-generator_lr=10/diverged.json"):
         assert f"runs/it/sweep/it-sweep/{expected}" in keys, expected
+    assert "trials/t01-generator_lr=10/model/checkpoint.json" not in keys  # a diverged generator is not kept
+    report = client.get_object(Bucket=bucket, Key="runs/it/sweep/it-sweep/report.md")["Body"].read().decode()
+    assert "`t01-generator_lr=10`: {'generator_lr': 10.0} (**diverged** at step" in report
     # the FM stage was found complete, not retrained
     assert client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"] == fm_done
 
@@ -122,9 +126,10 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
     runs = client.search_runs([experiment.experiment_id])
     parent = [r for r in runs if r.info.run_name == "sweep-it-sweep"][0]
     trials = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"t00-generator_lr=1e-05", "t01-generator_lr=0.0001"} <= set(trials)
-    trial = trials["t01-generator_lr=0.0001"]
-    assert trial.data.params["point.generator_lr"] == "0.0001"
+    assert {"t00-generator_lr=1e-05", "t01-generator_lr=10"} <= set(trials)
+    assert "cafm.diverged" in trials["t01-generator_lr=10"].data.tags
+    trial = trials["t00-generator_lr=1e-05"]
+    assert trial.data.params["point.generator_lr"] == "1e-05"
     # the diagnostic curve: FD of the raw generator and of its EMA at step 0, 20, 40, 60
     fd_ema = client.get_metric_history(trial.info.run_id, "fd_ema")
     assert [m.step for m in sorted(fd_ema, key=lambda m: m.step)] == [0, 20, 40, 60]

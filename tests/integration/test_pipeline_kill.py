@@ -90,3 +90,9 @@ def test_a_pipeline_killed_mid_stage_resumes_on_rerun(tmp_path):
                  and r.info.status == "FINISHED"]
     steps = [m.step for m in client.get_metric_history(fm_run.info.run_id, "fm_loss")]
     assert sorted(steps) == list(range(20, 121, 20))  # the killed attempt's rows too, none twice
+    # the killed attempt's MLflow runs were left RUNNING; the rerun ended them as KILLED, saying why
+    runs = client.search_runs([experiment.experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert sorted(r.info.run_name for r in killed) == ["fm", "pipeline-killed"]
+    assert all("stopped without ending it" in r.data.tags["cafm.ended_by"] for r in killed)

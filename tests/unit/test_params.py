@@ -60,19 +60,19 @@ def test_defaults_are_the_documented_main_job():
 
 def test_missing_inception_weights_fail_before_any_stage(tmp_path):
     from cafm_core.checks import CAFMInputError
-    from flows.pipeline import _check_early
+    from flows.pipeline import preflight
 
     params = smoke_params(storage_root=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
                           inception_weights=str(tmp_path / "inception.pt"))
     with pytest.raises(CAFMInputError, match="inception.pt' is not an existing file"):
-        _check_early(params)
+        preflight(params)
     assert not (tmp_path / "runs" / "smoke").exists()
 
 
 def test_unreachable_mlflow_server_fails_early(tmp_path):
-    from flows.pipeline import _check_early
+    from flows.pipeline import preflight
     from tasks.tracking import TrackingError
 
     params = smoke_params(storage_root=str(tmp_path / "runs"), tracking_uri="http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="MLflow tracking server http://127.0.0.1:9 is unreachable"):
-        _check_early(params)
+        preflight(params)
