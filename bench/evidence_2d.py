@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         table = format_table(summarise_over_seeds(rows, POINT_METRICS), results[0]["noise_floor"], POINT_METRICS)
         print(f"\n## {dataset}: {len(args.seeds)} training seeds ({', '.join(map(str, args.seeds))})\n\n{table}\n")
         for key in ("sliced_wasserstein", "off_manifold_fraction"):
-            print(format_differences(paired_differences(rows, key)))  # paired by training seed
+            print(format_differences(paired_differences(rows, key), floor=results[0]["noise_floor"]))  # paired by training seed
         seconds = sum(r["seconds"] for r in results)
         print(f"\n{len(results)} runs, {seconds:.0f} s of compute in all; pictures: {output}/{dataset}-seed*/samples.png")
     return 0

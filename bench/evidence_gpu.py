@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = per_training_seed(results, args.seeds)
     table = format_table(summarise_over_seeds(rows, IMAGE_METRICS), results[0]["noise_floor"], IMAGE_METRICS)
-    differences = "\n".join(format_differences(paired_differences(rows, key)) for key in ("fd", "kid"))
+    differences = "\n".join(format_differences(paired_differences(rows, key), floor=results[0]["noise_floor"])
+                            for key in ("fd", "kid"))
     lines = verdict(rows)
     seconds = time.perf_counter() - started
     first = results[0]

@@ -31,6 +31,7 @@ from cafm_core.evaluation import (
     SamplerSetting,
     evaluate_generator,
     format_table,
+    FLOOR_SPLITS,
     noise_floor,
     sample_for_evaluation,
     summarise_over_seeds,
@@ -175,7 +176,7 @@ def run_demo(
     for name, model in (("FM", fm_model), ("CAFM", generator)):
         for row in evaluate_generator(model, dataset, settings, feature_net=feature_net, num_samples=eval_samples, seeds=eval_seeds, device=device):
             rows.append({"model": name, **row})
-    floor = noise_floor(dataset, feature_net=feature_net, seed=feature_seed)
+    floor = noise_floor(dataset, feature_net=feature_net, seed=feature_seed, splits=FLOOR_SPLITS)
     keys = IMAGE_METRICS if image else POINT_METRICS
     table = format_table(summarise_over_seeds(rows, keys), floor, keys)
 

@@ -175,24 +175,48 @@ def evaluate_generator(
     return rows
 
 
+FLOOR_SPLITS = 10
+"""Random splits the pipeline's noise floor is averaged over (its spread is their std)."""
+
+
 def noise_floor(
     dataset: Dataset,
     *,
     feature_net: nn.Module | None = None,
     real_features: torch.Tensor | None = None,
     seed: int = 0,
+    splits: int = 1,
 ) -> dict[str, dict[str, float]]:
     """The same metrics between real data and real data, as a floor for reading differences.
 
     ``halves``: two disjoint random halves of the data against each other (the sample-size
     bias a generator evaluated on n/2 samples would also carry). ``bootstrap``: a resample
-    with replacement against the full set. Image data needs ``real_features`` (the
-    dataset's features, when the caller already has them) or ``feature_net``.
+    with replacement against the full set (the same sizes as n generated samples against
+    the data). Image data needs ``real_features`` (the dataset's features, when the caller
+    already has them) or ``feature_net``.
+
+    With ``splits`` > 1 each floor is the mean over that many random splits (seeds ``seed``,
+    ``seed + 1``, ...) and ``<metric>_std`` is their standard deviation: the floor's
+    spread, the size of a difference that sampling alone produces at this data size.
     """
+    check_positive("splits", splits, integer=True)
     if dataset.kind == "image" and real_features is None:
         if feature_net is None:
             raise CAFMInputError("the image noise floor needs the feature network")
         real_features = extract_features(feature_net, dataset.data)
+    per_split = [_one_floor(dataset, real_features, seed + index) for index in range(splits)]
+    if splits == 1:
+        return per_split[0]
+    result = {}
+    for name in per_split[0]:
+        values = {key: [floor[name][key] for floor in per_split] for key in per_split[0][name]}
+        result[name] = {key: statistics.fmean(v) for key, v in values.items()}
+        result[name].update({f"{key}_std": statistics.stdev(v) for key, v in values.items()})
+        result[name]["splits"] = splits
+    return result
+
+
+def _one_floor(dataset: Dataset, real_features: torch.Tensor | None, seed: int) -> dict[str, dict[str, float]]:
     generator = torch.Generator().manual_seed(seed)
     n = dataset.data.shape[0]
     order = torch.randperm(n, generator=generator)
@@ -329,14 +353,41 @@ def rank_models(summary: list[dict], metric: str) -> list[tuple[str, float]]:
     return sorted(((m, statistics.fmean(v)) for m, v in by_model.items()), key=lambda item: item[1])
 
 
-def format_differences(differences: list[dict], *, base: str = "FM", other: str = "CAFM") -> str:
-    """One markdown line per setting: ``other - base`` per seed, mean ± std."""
+def format_differences(differences: list[dict], *, base: str = "FM", other: str = "CAFM",
+                       floor: dict | None = None) -> str:
+    """One markdown line per setting: ``other - base`` per seed, mean ± std; with a ``floor``
+    measured over several splits, also whether the mean is beyond the floor's spread
+    (:func:`beyond_floor`)."""
     lines = []
     for d in differences:
         label = SamplerSetting(d["method"], d["nfe"], d["cfg_scale"]).label
         per_seed = ", ".join(f"{x:+.4g}" for x in d["diffs"])
-        lines.append(f"- {other} − {base}, {d['metric']}, {label}: {per_seed} (mean {d['mean']:+.4g} ± {d['std']:.2g})")
+        line = f"- {other} − {base}, {d['metric']}, {label}: {per_seed} (mean {d['mean']:+.4g} ± {d['std']:.2g})"
+        verdict = beyond_floor(d, floor) if floor else None
+        if verdict is not None:
+            line += (f"; noise floor spread ±{verdict['spread']:.2g} ({verdict['floor']}, {verdict['splits']} splits): "
+                     f"**{verdict['verdict']}**")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def beyond_floor(difference: dict, floor: dict, reference: str = "bootstrap") -> dict | None:
+    """Whether a paired difference (:func:`paired_differences`) exceeds the noise floor's
+    spread: ``|mean|`` larger than the standard deviation of the real-vs-real ``reference``
+    floor over its splits (``bootstrap`` by default: n samples against the n real ones, the
+    sizes of a generated set against the data). None when the floor has no spread for the
+    metric (one split, or a metric it lacks)."""
+    metric = difference["metric"]
+    spread = floor.get(reference, {}).get(f"{metric}_std")
+    if spread is None:
+        return None
+    better = difference["mean"] > 0 if metric in HIGHER_IS_BETTER else difference["mean"] < 0
+    if abs(difference["mean"]) <= spread:
+        verdict = "within the floor's spread"
+    else:
+        verdict = "better beyond the floor's spread" if better else "worse beyond the floor's spread"
+    return {"metric": metric, "spread": spread, "floor": reference, "splits": int(floor[reference]["splits"]),
+            "beyond": abs(difference["mean"]) > spread, "better": better, "verdict": verdict}
 
 
 def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str:
@@ -355,8 +406,10 @@ def format_table(summary: list[dict], floor: dict, keys: tuple[str, ...]) -> str
         label = SamplerSetting(row["method"], row["nfe"], row["cfg_scale"]).label
         lines.append(f"| {row['model']} | {label} | {row['seeds']} | " + " | ".join(cells) + " |")
     for name, metrics in floor.items():
-        cells = [f"{metrics[k]:.4g}" if k in metrics else "" for k in keys]
-        lines.append(f"| real vs real ({name}) | noise floor | | " + " | ".join(cells) + " |")
+        cells = [("" if k not in metrics else f"{metrics[k]:.4g} ± {metrics[f'{k}_std']:.2g}" if f"{k}_std" in metrics
+                  else f"{metrics[k]:.4g}") for k in keys]
+        splits = f" {int(metrics['splits'])} splits " if "splits" in metrics else " "
+        lines.append(f"| real vs real ({name}) | noise floor |{splits}| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -92,7 +92,7 @@ def sweep_task(params: SweepParams, parent_run_id: str) -> dict:
     for name, what in diverged.items():
         get_run_logger().warning("sweep %s: trial %s diverged at step %d (%s)", params.name, name, what["step"], what["reason"])
     ranked = "\n".join(f"{i + 1}. {name}: {value:.4g}" for i, (name, value) in enumerate(ranking))
-    paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"])
+    paired = "\n".join(format_differences(paired_differences(rows, metric, other=t["name"]), other=t["name"], floor=floor)
                        for t in result["trials"] if t.get("rows"))
     report = (
         f"# CAFM sweep `{params.name}` on {result['dataset']}\n\n{table}\n\n"

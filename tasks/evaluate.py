@@ -20,6 +20,7 @@ from cafm_core.evaluation import (
     evaluate_samples,
     format_differences,
     format_table,
+    FLOOR_SPLITS,
     noise_floor,
     paired_differences,
     summarise_over_seeds,
@@ -110,7 +111,7 @@ def evaluate_stage(
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **metrics})
     keys = IMAGE_METRICS if image else POINT_METRICS
     summary = summarise_over_seeds(rows, keys)
-    floor = noise_floor(dataset, feature_net=feature_net, real_features=real_features, seed=seeds[0])
+    floor = noise_floor(dataset, feature_net=feature_net, real_features=real_features, seed=seeds[0], splits=FLOOR_SPLITS)
     table = format_table(summary, floor, keys)
     headline_keys = ("fd", "kid", "class_accuracy") if image else ("sliced_wasserstein", "off_manifold_fraction")
     differences = [d for key in headline_keys for d in paired_differences(rows, key)] if "cafm" in models else []
@@ -131,7 +132,7 @@ def evaluate_stage(
         f"{len(seeds)} seed(s); the noise floor rows compare real data with real data.\n"
     )
     if differences:
-        report += f"\nPaired by seed (same noise and labels; lower is better except class_accuracy):\n\n{format_differences(differences)}\n"
+        report += f"\nPaired by seed (same noise and labels; lower is better except class_accuracy):\n\n{format_differences(differences, floor=floor)}\n"
     result = {"rows": rows, "summary": summary, "noise_floor": floor, "table": table, "differences": differences}
     store.write_bytes(Store.join(out_url, "samples.png"), picture.getvalue())
     store.write_json(Store.join(out_url, "metrics.json"), result)

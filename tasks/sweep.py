@@ -39,6 +39,7 @@ from cafm_core.evaluation import (
     SamplerSetting,
     TrainingCurve,
     evaluate_generator,
+    FLOOR_SPLITS,
     noise_floor,
 )
 from cafm_core.models import discriminator_from_generator
@@ -173,7 +174,8 @@ def run_sweep(
     fm_rows = evaluate_generator(fm_generator, dataset, settings, feature_net=feature_net, num_samples=num_samples, seeds=seeds)
     curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])
     fm_curve = curve(fm_generator)
-    floor = noise_floor(dataset, feature_net=feature_net, real_features=curve.real_features, seed=seeds[0])
+    floor = noise_floor(dataset, feature_net=feature_net, real_features=curve.real_features, seed=seeds[0],
+                        splits=FLOOR_SPLITS)
 
     spec = {
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,

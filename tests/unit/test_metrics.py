@@ -200,3 +200,40 @@ def test_kid_on_the_whole_sets_equals_torchmetrics_unbiased_mmd():
     ours, _ = kernel_inception_distance(real, fake, subset_size=200, num_subsets=1)  # a permutation: same MMD
     reference = poly_mmd(torch.from_numpy(real), torch.from_numpy(fake), degree=3, gamma=None, coef=1.0)
     assert ours == pytest.approx(float(reference), rel=1e-9)
+
+
+def test_noise_floor_over_splits_is_the_mean_and_spread_of_single_splits():
+    from cafm_core.evaluation import noise_floor
+
+    dataset = load_builtin("eight_gaussians", num_samples=600, seed=0)
+    singles = [noise_floor(dataset, seed=s) for s in (5, 6, 7)]
+    floor = noise_floor(dataset, seed=5, splits=3)
+    for name in ("halves", "bootstrap"):
+        values = [single[name]["sliced_wasserstein"] for single in singles]
+        assert floor[name]["sliced_wasserstein"] == pytest.approx(np.mean(values))
+        assert floor[name]["sliced_wasserstein_std"] == pytest.approx(np.std(values, ddof=1))
+        assert floor[name]["splits"] == 3
+    assert floor["halves"]["sliced_wasserstein_std"] > 0  # splits differ, so the spread is real
+    with pytest.raises(CAFMInputError, match="splits"):
+        noise_floor(dataset, splits=0)
+
+
+def test_a_difference_counts_only_beyond_the_floor_spread_and_in_the_right_direction():
+    from cafm_core.evaluation import beyond_floor, format_differences
+
+    floor = {"bootstrap": {"fd": 0.3, "fd_std": 0.1, "class_accuracy": 0.99, "class_accuracy_std": 0.002, "splits": 10}}
+    diff = {"method": "heun", "nfe": 8, "cfg_scale": 1.0, "diffs": [-0.05, -0.07], "std": 0.01}
+    assert beyond_floor({**diff, "metric": "fd", "mean": -0.06}, floor)["verdict"] == "within the floor's spread"
+    assert beyond_floor({**diff, "metric": "fd", "mean": -0.2}, floor)["verdict"] == "better beyond the floor's spread"
+    assert beyond_floor({**diff, "metric": "fd", "mean": 0.2}, floor)["verdict"] == "worse beyond the floor's spread"
+    # higher is better for accuracy: a positive difference is the improvement
+    assert beyond_floor({**diff, "metric": "class_accuracy", "mean": 0.01}, floor)["better"]
+    assert beyond_floor({**diff, "metric": "kid", "mean": -1.0}, floor) is None  # no spread for that metric
+    assert beyond_floor({**diff, "metric": "fd", "mean": -1.0}, {"bootstrap": {"fd": 0.3}}) is None  # one split
+    line = format_differences([{**diff, "metric": "fd", "mean": -0.2}], floor=floor)
+    assert "noise floor spread ±0.1 (bootstrap, 10 splits): **better beyond the floor's spread**" in line
+    table_floor = {"halves": {"fd": 1.0, "fd_std": 0.34, "splits": 10}}
+    from cafm_core.evaluation import format_table
+
+    row = {"model": "FM", "method": "heun", "nfe": 8, "cfg_scale": 1.0, "seeds": 1, "fd": 1.1}
+    assert "| real vs real (halves) | noise floor | 10 splits | 1 ± 0.34 |" in format_table([row], table_floor, ("fd",))
