@@ -61,6 +61,7 @@ PIPELINE_CAFM = {
     "discriminator_steps": 4,
     "warmup_steps": 200,
     "ema_decay": 0.99,
+    "ema_warmup": False,
     "centering_penalty": 1e-3,
     "transport_penalty": 0.0,
     "logit_mode": "reverse",

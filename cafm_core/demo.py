@@ -161,7 +161,7 @@ def run_demo(
     fm_model = copy.deepcopy(generator)
 
     discriminator = discriminator_from_generator(generator)
-    cafm_ema = EMA(generator, decay=cafm_config.ema_decay, warmup=True)
+    cafm_ema = EMA(generator, decay=cafm_config.ema_decay, warmup=cafm_config.ema_warmup)
     print(f"CAFM post-training: {cafm_config.steps} steps ({cafm_config.warmup_steps} D-only warmup, "
           f"N={cafm_config.discriminator_steps}, {cafm_config.num_generator_steps} G steps, {logit_mode} logits)", flush=True)
     cafm_batches = infinite_batches(dataset.data, train_labels, cafm_config.batch_size, seed=seed + 1)

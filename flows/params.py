@@ -74,6 +74,8 @@ class CAFMParams(_Params):
     generator_lr: float = Field(3e-5, gt=0)
     discriminator_lr: float = Field(1e-4, gt=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_warmup: bool = Field(False, description="EMA decay warm-up (min(decay, (1+n)/(10+n))); off: the EMA starts at "
+                                                "the FM weights with the full decay")
     centering_penalty: float = Field(1e-3, ge=0)
     transport_penalty: float = Field(0.0, ge=0)
     logit_mode: Literal["reverse", "forward"] = "reverse"

@@ -91,7 +91,7 @@ def _trial(config: dict, *, spec: dict) -> None:
     cfg = train_config("cafm", {**trial["config"], "log_every": 1})  # the callback picks the rows it reports
     curve = TrainingCurve(dataset, SamplerSetting(**spec["curve_setting"]), feature_net=feature_net,
                           num_samples=spec["curve_samples"], seed=spec["seeds"][0])
-    ema = EMA(generator, cfg.ema_decay, warmup=True)
+    ema = EMA(generator, cfg.ema_decay, warmup=cfg.ema_warmup)
     labels = dataset.labels if getattr(generator, "null_class", None) is not None else None
     batches = infinite_batches(dataset.data, labels, cfg.batch_size, seed=cfg.seed)
     started = time.perf_counter()

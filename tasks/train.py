@@ -621,7 +621,7 @@ class _CAFMStage(_Stage):
         self.generator = self.accelerator.unwrap_model(self.generator_ddp)
         self.discriminator = self.accelerator.unwrap_model(self.d_logits_ddp).discriminator
         self.optimizers = {"generator": g_opt, "discriminator": d_opt}
-        self.ema = EMA(self.generator, cfg.ema_decay, warmup=True)
+        self.ema = EMA(self.generator, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.latest: dict[str, float] = {}
 
     def step(self, index: int, batch, rng: torch.Generator) -> dict[str, float]:

@@ -102,3 +102,32 @@ def test_warmup_decay_ramps_up_to_the_configured_decay():
     assert all(a <= b for a, b in zip(seen, seen[1:]))
     assert seen[-1] == 0.99
     assert EMA(module, decay=0.99).current_decay == 0.99
+
+
+def test_post_training_ema_decay_matters_only_without_warmup():
+    """Why CAFM's EMA has no warm-up by default: over 200 generator updates the warm-up
+    schedule caps the decay below 0.99, so decays 0.99 and 0.998 give the same EMA; without
+    it they differ, and the EMA keeps part of the starting (FM) weights as intended."""
+    from cafm_core.training import CAFMConfig
+
+    assert CAFMConfig().ema_warmup is False
+    with pytest.raises(CAFMInputError, match="ema_warmup"):
+        CAFMConfig(ema_warmup=1)
+    start = nn.Linear(4, 3)
+    weights = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(200)]
+
+    def final(decay: float, warmup: bool) -> torch.Tensor:
+        module = nn.Linear(4, 3)
+        module.load_state_dict(start.state_dict())
+        ema = EMA(module, decay, warmup=warmup)
+        for w in weights:
+            with torch.no_grad():
+                module.weight.copy_(w)
+            ema.update(module)
+        return ema.shadow["weight"]
+
+    torch.testing.assert_close(final(0.99, True), final(0.998, True))
+    assert not torch.allclose(final(0.99, False), final(0.998, False))
+    # no warm-up: 0.998 ** 200 = 67% of the starting weights remain
+    expected = 0.998 ** 200 * start.weight + sum((1 - 0.998) * 0.998 ** (199 - i) * w for i, w in enumerate(weights))
+    torch.testing.assert_close(final(0.998, False), expected.detach(), rtol=1e-4, atol=1e-5)
