@@ -775,8 +775,15 @@ def _train_worker(loop: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()  # set after a worker failure or for an existing run dir
     restored = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_checkpoint(directory)
+        try:
+            with checkpoint.as_directory() as directory:
+                restored = load_checkpoint(directory)
+        except (OSError, ValueError) as exc:  # ValueError includes CAFMInputError: missing file, bad checksum
+            # Ray uploads a checkpoint's files concurrently and reports success even when one
+            # upload failed (seen with S3 unreachable mid-upload): its registered checkpoint
+            # can be incomplete. Never load it; take the newest one on storage that verifies.
+            logger.warning("[%s] Ray's registered checkpoint %s does not verify (%s): using the newest "
+                           "checkpoint on storage that does", loop["stage"], checkpoint.path, exc)
     # Ray registers a reported checkpoint only when its controller next polls the workers; a
     # worker killed in between loses the registration, not the files. Take the newest
     # checkpoint on storage that verifies (marker + checksums) when it is newer.
@@ -1176,7 +1183,7 @@ def _run(
         # workers on other nodes need no access to the driver's disk
         "init_ref": ray.put(init_files) if init_files is not None else None,
     }
-    trainer = TorchTrainer(
+    make_trainer = lambda: TorchTrainer(  # noqa: E731 - a fresh trainer per attempt (see _fit)
         _train_worker,
         train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(use_gpu), resources_per_worker={"CPU": cpus}),
@@ -1190,7 +1197,7 @@ def _run(
         datasets={"train": dataset},
     )
     started = time.perf_counter()
-    result = trainer.fit()  # V2: resumes from the run directory's latest checkpoint if there is one
+    result = _fit(make_trainer, run_name)
     seconds = time.perf_counter() - started
     diverged = (result.return_value or {}).get("diverged")
     if diverged:
@@ -1202,6 +1209,31 @@ def _run(
         stage=stage, checkpoint=result.checkpoint, storage_path=storage_path, run_name=run_name,
         output_dir=output_dir, start_step=start_step, seconds=seconds, returned=result.return_value,
     )
+
+
+STORAGE_RETRIES = 3
+STORAGE_BACKOFF_S = 2.0
+_STORAGE_ERROR_MARKS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect", "Connection reset", "curlCode")
+
+
+def _fit(make_trainer, run_name: str):
+    """``trainer.fit()``, started again (a fresh trainer on the same run directory, so it
+    resumes from the newest checkpoint that verifies) when Ray Train's controller failed on
+    storage: Ray writes its own run state (``checkpoint_manager_snapshot.json``) without
+    retrying, so one unreachable moment of S3 fails the whole run. Up to
+    ``STORAGE_RETRIES`` times with exponential backoff; any other error is raised at once."""
+    for attempt in range(STORAGE_RETRIES + 1):
+        try:
+            return make_trainer().fit()  # V2: resumes from the run directory's latest checkpoint if there is one
+        except ray.train.ControllerError as exc:
+            if attempt == STORAGE_RETRIES or not any(mark in str(exc) for mark in _STORAGE_ERROR_MARKS):
+                raise
+            wait = STORAGE_BACKOFF_S * 2**attempt
+            logger.warning("Ray Train run %r failed on storage (%s); starting it again in %.0f s from its newest "
+                           "verified checkpoint (retry %d of %d)", run_name, str(exc).strip()[:300], wait,
+                           attempt + 1, STORAGE_RETRIES)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def run_flow_matching(
