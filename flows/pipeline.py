@@ -20,9 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 from prefect import flow, get_run_logger, task
-from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.exceptions import MissingContextError
 
 from cafm_core.evaluation import SamplerSetting, labels_in_proportion
 from cafm_core.features import load_inception_features
@@ -147,7 +147,7 @@ def replay_unlogged(params: PipelineParams) -> dict:
             result["left"] = 0 if sent else len(tracker.pending)
             _note_unlogged(run, tracker)  # removes the file, or rewrites it with what is still queued
             _log().warning("%s: %s item(s) an earlier attempt could not log %s", url, len(record["items"]),
-                        "are now in MLflow" if sent else f"are still queued ({tracker.last_error})")
+                           "are now in MLflow" if sent else f"are still queued ({tracker.last_error})")
     result["ended_runs"] = tracker.end_orphaned_runs(RUN_URL_TAG, run.base)
     return result
 
@@ -163,7 +163,7 @@ def _note_unlogged(run: Run, tracker: Tracker) -> list[dict]:
     run.store.write_bytes(url, json.dumps(tracker.unlogged_record(), indent=2, default=str).encode())
     summary = tracker.unlogged()
     _log().warning("MLflow unavailable (%s): %d item(s) not logged yet, kept in %s: %s", tracker.last_error,
-                             len(summary), url, "; ".join(f"{i['run']}: {i['what']}" for i in summary[:8]))
+                   len(summary), url, "; ".join(f"{i['run']}: {i['what']}" for i in summary[:8]))
     return summary
 
 
