@@ -1006,6 +1006,13 @@ def _newest_complete_checkpoint(storage_path: str, run_name: str, max_step: int)
     return None
 
 
+def _storage_checkpoint(storage_path: str, run_name: str, step: int) -> ray.train.Checkpoint:
+    """The ``checkpoint_<step>`` folder of a run on storage, as a Ray checkpoint."""
+    fs, base = _storage_filesystem(storage_path)
+    root = base if fs is not None else os.path.abspath(base)
+    return ray.train.Checkpoint(path=posixpath.join(root, run_name, f"checkpoint_{step:08d}"), filesystem=fs)
+
+
 def _checkpoint_state(checkpoint) -> tuple[dict[str, Tensor], dict, dict]:
     with checkpoint.as_directory() as directory:
         return load_checkpoint(directory)
@@ -1153,6 +1160,10 @@ def _run(
     previous, previous_step, start_step = _previous_run(
         storage_path, run_name, resume=resume, stage=stage, model_config=model_config, steps=config.steps
     )
+    if start_step == config.steps and previous_step < start_step:
+        # the final checkpoint is on storage and verifies, but Ray never registered it (the
+        # process died in between): it is the result; Ray's registered one is older
+        previous, previous_step = _storage_checkpoint(storage_path, run_name, start_step), start_step
     if previous is not None and previous_step == config.steps:
         # already done (e.g. an orchestrator retry): rebuild the outputs, train nothing
         logger.info("run %r is already at step %d; returning its last checkpoint", run_name, start_step)

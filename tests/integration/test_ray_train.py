@@ -338,6 +338,37 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp
     assert metadata["ema"]["num_updates"] == 160
 
 
+def test_a_final_checkpoint_ray_never_registered_is_the_result(tmp_path, ray_cluster, gaussian_shards):
+    """Killed after the final checkpoint was written but before Ray registered it: the rerun
+    must return that checkpoint (and train nothing), not Ray's older registered one."""
+    from cafm_core.checkpoint import save_checkpoint
+
+    fm = dict(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8,
+        model_config=MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=8).to_dict(),
+        output_dir=str(tmp_path / "fm"), num_workers=2, checkpoint_every=10,
+        storage_path=str(tmp_path / "ray"), run_name="fm-unregistered",
+    )
+    first = run_flow_matching(fm_config={"steps": 30, "batch_size": 64, "lr": 3e-3, "log_every": 10}, **fm)
+    assert first["steps"] == 30
+    # the step-40 folder as a killed run would leave it: complete and verified, unknown to Ray
+    tensors, config, metadata = load_checkpoint(tmp_path / "ray" / "fm-unregistered" / "checkpoint_00000030")
+    states = unflatten_state_dicts(tensors)
+    final_ema = {k: v + 0.25 for k, v in states["ema"].items()}  # distinguishable from step 30's
+    tensors = {**tensors, **{f"ema/{k}": v for k, v in final_ema.items()}}
+    save_checkpoint(tmp_path / "ray" / "fm-unregistered" / "checkpoint_00000040", tensors, config,
+                    {**metadata, "step": 40, "history": metadata["history"] + [{"step": 40, "fm_loss": 0.5}]})
+
+    again = run_flow_matching(fm_config={"steps": 40, "batch_size": 64, "lr": 3e-3, "log_every": 10}, **fm)
+    assert again["steps"] == 40 and again["history"] == [] and again["seconds"] == 0.0  # nothing trained
+    assert again["ray_checkpoint"].endswith("checkpoint_00000040")
+    _, _, saved = load_checkpoint(again["model_dir"])
+    generator = load_model(again["model_dir"])
+    for name, value in generator.state_dict().items():
+        torch.testing.assert_close(value, final_ema[name])
+    assert saved["steps"] == 40
+
+
 def test_newest_complete_checkpoint_on_storage_skips_unfinished_folders(tmp_path):
     from cafm_core.checkpoint import save_checkpoint
     from tasks.train import TRAIN_STATE_FORMAT, _newest_complete_checkpoint
