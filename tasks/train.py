@@ -773,17 +773,7 @@ def _train_worker(loop: dict) -> dict:
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
 
     checkpoint = ray.train.get_checkpoint()  # set after a worker failure or for an existing run dir
-    restored = None
-    if checkpoint is not None:
-        try:
-            with checkpoint.as_directory() as directory:
-                restored = load_checkpoint(directory)
-        except (OSError, ValueError) as exc:  # ValueError includes CAFMInputError: missing file, bad checksum
-            # Ray uploads a checkpoint's files concurrently and reports success even when one
-            # upload failed (seen with S3 unreachable mid-upload): its registered checkpoint
-            # can be incomplete. Never load it; take the newest one on storage that verifies.
-            logger.warning("[%s] Ray's registered checkpoint %s does not verify (%s): using the newest "
-                           "checkpoint on storage that does", loop["stage"], checkpoint.path, exc)
+    restored = _verified_state(checkpoint, stage_name) if checkpoint is not None else None
     # Ray registers a reported checkpoint only when its controller next polls the workers; a
     # worker killed in between loses the registration, not the files. Take the newest
     # checkpoint on storage that verifies (marker + checksums) when it is newer.
@@ -964,9 +954,8 @@ def _latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[bool, Any]
     """``(run_dir_exists, latest ray Checkpoint or None)`` for an earlier run with this name."""
     from ray.train import Result
 
-    fs, base = _storage_filesystem(storage_path)
+    fs, run_dir = _run_dir(storage_path, run_name)
     fs = fs or pafs.LocalFileSystem()
-    run_dir = posixpath.join(os.path.abspath(base) if isinstance(fs, pafs.LocalFileSystem) else base, run_name)
     if fs.get_file_info(run_dir).type == pafs.FileType.NotFound:
         return False, None
     try:
@@ -980,9 +969,8 @@ def _newest_complete_checkpoint(storage_path: str, run_name: str, max_step: int)
     """``(tensors, config, metadata)`` of the newest ``checkpoint_*`` folder of this run on
     storage that verifies and is at most ``max_step``, or None. Folders that fail to verify
     (being written, cut off) are skipped: their marker is missing or a checksum differs."""
-    fs, base = _storage_filesystem(storage_path)
+    fs, run_dir = _run_dir(storage_path, run_name)
     fs = fs or pafs.LocalFileSystem()
-    run_dir = posixpath.join(os.path.abspath(base) if isinstance(fs, pafs.LocalFileSystem) else base, run_name)
     try:
         entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     except OSError:
@@ -1006,16 +994,34 @@ def _newest_complete_checkpoint(storage_path: str, run_name: str, max_step: int)
     return None
 
 
+def _run_dir(storage_path: str, run_name: str) -> tuple[pafs.FileSystem | None, str]:
+    """A Ray Train run's directory on storage: ``(filesystem or None for local, path)``."""
+    fs, base = _storage_filesystem(storage_path)
+    return fs, posixpath.join(base if fs is not None else os.path.abspath(base), run_name)
+
+
 def _storage_checkpoint(storage_path: str, run_name: str, step: int) -> ray.train.Checkpoint:
     """The ``checkpoint_<step>`` folder of a run on storage, as a Ray checkpoint."""
-    fs, base = _storage_filesystem(storage_path)
-    root = base if fs is not None else os.path.abspath(base)
-    return ray.train.Checkpoint(path=posixpath.join(root, run_name, f"checkpoint_{step:08d}"), filesystem=fs)
+    fs, run_dir = _run_dir(storage_path, run_name)
+    return ray.train.Checkpoint(path=posixpath.join(run_dir, f"checkpoint_{step:08d}"), filesystem=fs)
 
 
 def _checkpoint_state(checkpoint) -> tuple[dict[str, Tensor], dict, dict]:
     with checkpoint.as_directory() as directory:
         return load_checkpoint(directory)
+
+
+def _verified_state(checkpoint, stage: str) -> tuple[dict[str, Tensor], dict, dict] | None:
+    """The state of Ray's registered checkpoint, or None when it does not verify. Ray uploads
+    a checkpoint's files concurrently and reports success even when one upload failed (seen
+    with S3 unreachable mid-upload), so its registered checkpoint can be incomplete: never
+    load it unverified; callers take the newest checkpoint on storage that verifies instead."""
+    try:
+        return _checkpoint_state(checkpoint)
+    except (OSError, ValueError) as exc:  # ValueError includes CAFMInputError: missing file, bad checksum
+        logger.warning("[%s] Ray's registered checkpoint %s does not verify (%s): using the newest checkpoint "
+                       "on storage that does", stage, checkpoint.path, exc)
+        return None
 
 
 def _checkpoint_url(checkpoint, storage_path: str) -> str:
@@ -1077,9 +1083,11 @@ def _previous_run(
             "or choose another run_name"
         )
     saved_states = []
-    if previous is not None:
-        _, saved, saved_meta = _checkpoint_state(previous)
-        saved_states.append((saved, saved_meta))
+    state = _verified_state(previous, stage) if previous is not None else None
+    if state is None:
+        previous = None  # none, or it does not verify: the newest verified one on storage decides
+    else:
+        saved_states.append(state[1:])
     newest = _newest_complete_checkpoint(storage_path, run_name, steps) if exists else None
     if newest is not None:
         saved_states.append(newest[1:])
