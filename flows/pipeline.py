@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from tasks.prepare import shard_urls as prepared_shard_urls
 from tasks.sampling import generate_sample_shards
 from tasks.secrets import load_secret_blocks
 from tasks.storage import Store, check_reachable
-from tasks.tracking import OWNER_HOST_TAG, OWNER_PID_TAG, Tracker, default_tracking_uri, owner_gone
+from tasks.tracking import OWNER_PID_TAG, Tracker, default_tracking_uri, owner_state
 from tasks.train import run_cafm, run_flow_matching, start_cluster, worker_cpus
 
 STAGES = ("data", "fm", "cafm", "samples", "eval")
@@ -137,9 +136,8 @@ def replay_unlogged(params: PipelineParams) -> dict:
     result = {"record": url, "found": run.store.exists(url), "replayed": 0, "left": 0}
     if result["found"]:
         record = json.loads(run.store.read_bytes(url))
-        pid = record.get(OWNER_PID_TAG)
-        if record.get(OWNER_HOST_TAG) == socket.gethostname() and pid and not owner_gone(pid):
-            _log().info("%s belongs to the live process %s: left to it", url, pid)
+        if owner_state(record) == "alive":
+            _log().info("%s belongs to the live process %s: left to it", url, record[OWNER_PID_TAG])
             result["left"] = len(record["items"])
         else:
             sent = tracker.replay(record)

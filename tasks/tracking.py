@@ -37,17 +37,22 @@ MLFLOW_MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
 OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"
 
 
-def owner_gone(pid: str | None) -> bool:
-    """Whether the process that opened a run (on this host) no longer exists."""
-    if pid is None or not pid.isdigit() or int(pid) == os.getpid():
-        return False
+def owner_state(tags: Mapping[str, str]) -> str:
+    """Whether the process named by a run's (or a record's) owner tags is ``"alive"``, ``"gone"``
+    or ``"unknown"`` (another host, or no usable pid): the one rule both the ending of orphaned
+    runs (only ``"gone"``) and the replay of unlogged records (all but ``"alive"``) follow."""
+    pid = tags.get(OWNER_PID_TAG)
+    if tags.get(OWNER_HOST_TAG) != socket.gethostname() or pid is None or not str(pid).isdigit():
+        return "unknown"
+    if int(pid) == os.getpid():
+        return "alive"
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
+        return "gone"
     except PermissionError:  # alive, another user's
-        return False
-    return False
+        return "alive"
+    return "alive"
 
 
 class TrackingError(RuntimeError):
@@ -273,7 +278,7 @@ class Tracker:
                 f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'"), max_results=1000)
             for found in runs:
                 tags = found.data.tags
-                if tags.get(OWNER_HOST_TAG) != socket.gethostname() or not owner_gone(tags.get(OWNER_PID_TAG)):
+                if owner_state(tags) != "gone":
                     continue
                 self.client.set_tag(found.info.run_id, "cafm.ended_by",
                                     f"process {os.getpid()} on {socket.gethostname()}: its owner "
