@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from cafm_core.demo import run_demo  # noqa: E402
+from cafm_core.path import TimeSampler  # noqa: E402
 from cafm_core.evaluation import (  # noqa: E402
     IMAGE_METRICS,
     format_differences,
@@ -66,6 +67,7 @@ PIPELINE_CAFM = {
     "transport_penalty": 0.0,
     "logit_mode": "reverse",
     "label_drop": 0.1,
+    "time_sampler": TimeSampler(kind="logit_normal", mean=-1.0),
 }
 FM_SHARE = 0.3  # of the training budget; CAFM gets the rest
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cafm_core.path import TimeSampler
 from flows.params import CAFMParams, FMParams
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "evidence_gpu.py"
@@ -19,7 +20,9 @@ _spec.loader.exec_module(evidence_gpu)
 def test_settings_are_the_pipeline_defaults():
     fm, cafm = FMParams(), CAFMParams()
     assert evidence_gpu.PIPELINE_FM == {k: getattr(fm, k) for k in evidence_gpu.PIPELINE_FM}
-    assert evidence_gpu.PIPELINE_CAFM == {k: getattr(cafm, k) for k in evidence_gpu.PIPELINE_CAFM}
+    settings = dict(evidence_gpu.PIPELINE_CAFM)
+    assert settings.pop("time_sampler") == TimeSampler(**cafm.time_sampler.model_dump())
+    assert settings == {k: getattr(cafm, k) for k in settings}
 
 
 def test_choose_steps_fits_the_budget():
