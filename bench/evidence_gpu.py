@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from cafm_core.demo import run_demo  # noqa: E402
-from cafm_core.path import TimeSampler  # noqa: E402
 from cafm_core.evaluation import (  # noqa: E402
     IMAGE_METRICS,
     format_differences,
@@ -53,6 +52,7 @@ from cafm_core.evaluation import (  # noqa: E402
     paired_differences,
     summarise_over_seeds,
 )
+from cafm_core.path import TimeSampler  # noqa: E402
 
 # The pipeline's defaults for digits (flows/params.py FMParams / CAFMParams); a unit test keeps them equal.
 PIPELINE_FM = {"lr": 1e-3, "ema_decay": 0.999, "label_drop": 0.1, "grad_clip": 1.0}
