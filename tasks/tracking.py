@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow import MlflowClient
@@ -37,7 +38,7 @@ MLFLOW_MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
 OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"
 
 
-def owner_state(tags: Mapping[str, str]) -> str:
+def owner_state(tags: Mapping[str, str]) -> Literal["alive", "gone", "unknown"]:
     """Whether the process named by a run's (or a record's) owner tags is ``"alive"``, ``"gone"``
     or ``"unknown"`` (another host, or no usable pid): the one rule both the ending of orphaned
     runs (only ``"gone"``) and the replay of unlogged records (all but ``"alive"``) follow."""
@@ -51,7 +52,7 @@ def owner_state(tags: Mapping[str, str]) -> str:
     except ProcessLookupError:
         return "gone"
     except PermissionError:  # alive, another user's
-        return "alive"
+        pass
     return "alive"
 
 
