@@ -2,9 +2,9 @@
 
 For each count, two fresh Python processes (so each peak is its own, ``ru_maxrss``):
 
-1. ``sample``: the sampling stage's shard function (``tasks.sampling._generate_shard``, what
+1. ``sample``: the sampling stage's shard function (``tasks.sampling.generate_shard``, what
    each Ray task runs) for every shard of the count, one after another, into a local store;
-2. ``evaluate``: ``tasks.evaluate.evaluate_stage`` on those shards (image features are
+2. ``evaluate``: ``tasks.sample_scoring.score_samples`` on those shards (image features are
    extracted shard by shard; only features are kept).
 
 The data are 3x32x32 RGB images (a synthetic image folder prepared by ``tasks.prepare``), so
@@ -71,7 +71,7 @@ def _layout(work: Path, count: int) -> dict[str, list[str]]:
 
 def _sample(work: Path, count: int) -> dict:
     from cafm_core.evaluation import SamplerSetting, labels_in_proportion
-    from tasks.sampling import ShardSpec, _generate_shard, shard_seed, setting_key
+    from tasks.sampling import ShardSpec, generate_shard, shard_seed, setting_key
     from tasks.storage import Store
 
     store = Store(str(work / "store"))
@@ -83,17 +83,17 @@ def _sample(work: Path, count: int) -> dict:
         size = min(SHARD_SIZE, count - start)
         spec = ShardSpec(checkpoint_url=store.url("generator"), out_url=url, setting=setting, start=start,
                          count=size, seed=shard_seed(0, setting_key(setting), start))
-        _generate_shard(store.root, spec, labels[start : start + size], "cpu")
+        generate_shard(store.root, spec, labels[start : start + size], "cpu")
     return {"shards": len(urls)}
 
 
 def _evaluate(work: Path, count: int) -> dict:
     from cafm_core.evaluation import SamplerSetting
-    from tasks.evaluate import evaluate_stage
+    from tasks.sample_scoring import score_samples
     from tasks.storage import Store
 
     store = Store(str(work / "store"))
-    result = evaluate_stage(store, data_url=store.url("data"), sample_layout=_layout(work, count),
+    result = score_samples(store, data_url=store.url("data"), sample_layout=_layout(work, count),
                             settings=[SamplerSetting(*SETTING)], seeds=[0], out_url=store.url(f"eval-{count}"))
     return {"fd": result["rows"][0]["fd"], "class_accuracy": result["rows"][0].get("class_accuracy")}
 

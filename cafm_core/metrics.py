@@ -171,7 +171,7 @@ def _tiles(count: int, size: int):
     return ((start, min(start + size, count)) for start in range(0, count, size))
 
 
-def _knn_radii(points: torch.Tensor, k: int, *, rows: int = _ROW_TILE, columns: int = _COLUMN_TILE) -> torch.Tensor:
+def knn_radii(points: torch.Tensor, k: int, *, rows: int = _ROW_TILE, columns: int = _COLUMN_TILE) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     radii = torch.empty(points.shape[0], dtype=points.dtype)
     for row_start, row_end in _tiles(points.shape[0], rows):
@@ -185,7 +185,7 @@ def _knn_radii(points: torch.Tensor, k: int, *, rows: int = _ROW_TILE, columns: 
     return radii
 
 
-def _within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, *,
+def within_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, *,
                      rows: int = _ROW_TILE, columns: int = _COLUMN_TILE) -> torch.Tensor:
     """Whether each query lies inside at least one ball (support point, its radius)."""
     inside = torch.zeros(queries.shape[0], dtype=torch.bool)
@@ -208,10 +208,10 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, *, k: int = 3) -> tuple[f
     _check_same_dim(real_array, fake_array)
     real_points = torch.from_numpy(real_array)
     fake_points = torch.from_numpy(fake_array)
-    real_radii = _knn_radii(real_points, k)
-    fake_radii = _knn_radii(fake_points, k)
-    precision = _within_manifold(fake_points, real_points, real_radii).double().mean()
-    recall = _within_manifold(real_points, fake_points, fake_radii).double().mean()
+    real_radii = knn_radii(real_points, k)
+    fake_radii = knn_radii(fake_points, k)
+    precision = within_manifold(fake_points, real_points, real_radii).double().mean()
+    recall = within_manifold(real_points, fake_points, fake_radii).double().mean()
     return float(precision), float(recall)
 
 

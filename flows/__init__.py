@@ -3,4 +3,4 @@
 Dependencies point one way: ``flows -> tasks -> cafm_core``.
 """
 
-from tasks import _offline  # noqa: F401  (telemetry off before Prefect loads)
+from tasks import offline  # noqa: F401  (telemetry off before Prefect loads)

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     from flows import pipeline as pipeline_module
+    from tasks.stage_ledger import StageMismatch
     from tasks.storage import StorageError
     from tasks.tracking import TrackingError
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         }[args.stage]
     try:
         chosen(params)
-    except (StorageError, TrackingError, pipeline_module.StageMismatch, ValueError) as exc:
+    except (StorageError, TrackingError, StageMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cafm_core.data import BUILTIN_DATASETS
+from cafm_core.evaluation import SamplerSetting
 
 
 class _Params(BaseModel):
@@ -122,6 +123,10 @@ class SamplingParams(_Params):
             raise ValueError(f"sampling.cfg_scales must be >= 0, got {scales}")
         return scales
 
+    def sampler_settings(self) -> list[SamplerSetting]:
+        """Every (guidance scale, NFE) pair, in the order the reports list them."""
+        return [SamplerSetting(self.method, nfe, cfg) for cfg in self.cfg_scales for nfe in self.nfes]
+
     @model_validator(mode="after")
     def _heun_even(self) -> SamplingParams:
         odd = [n for n in self.nfes if n % 2]
@@ -143,6 +148,12 @@ class ComputeParams(_Params):
     def divergence(self) -> dict:
         """The ``cafm_core.training.DivergenceGuard`` fields these parameters give."""
         return {"max_abs": self.divergence_limit, "max_rollbacks": self.max_rollbacks, "lr_factor": self.rollback_lr_factor}
+
+    def settings(self) -> dict:
+        """The training driver's resource arguments (``tasks.train.driver``)."""
+        return {"num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker, "use_gpu": self.use_gpu,
+                "mixed_precision": self.mixed_precision, "checkpoint_every": self.checkpoint_every,
+                "divergence": self.divergence()}
 
 
 class PipelineParams(_Params):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from infra.stack import BIN, StackConfig, StackError, _http_ok, _s3_credentials, api_json
+from infra.config import BIN, StackConfig, StackError, environ_scope, s3_credentials
+from infra.health import api_json, http_ok
 
 _UNRESOLVED = re.compile(r"\{\{\s*\$(\w+)\s*\}\}")
 
@@ -33,26 +34,6 @@ def _s3_urls(value) -> list[str]:
     return []
 
 
-def _with_env(env: dict[str, str]):
-    """Context manager: ``os.environ`` updated with ``env`` for the block."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def scope():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    return scope()
-
-
 def preflight(prefect_file: str | Path, env: dict[str, str]) -> list[dict]:
     """The deployments of ``prefect_file`` with their variables filled in, after every check."""
     from prefect.flows import load_flow_from_entrypoint
@@ -65,11 +46,11 @@ def preflight(prefect_file: str | Path, env: dict[str, str]) -> list[dict]:
     api = env.get("PREFECT_API_URL")
     if not api:
         raise StackError("PREFECT_API_URL is not set: bring the stack up (`python -m infra.stack up`) or point it at your Prefect server")
-    if not _http_ok(f"{api.rstrip('/')}/health", timeout=5):
+    if not http_ok(f"{api.rstrip('/')}/health", timeout=5):
         raise StackError(f"Prefect server {api} is unreachable (no answer from {api.rstrip('/')}/health); "
                          "is the stack up? (`python -m infra.stack status`)")
     config = yaml.safe_load(path.read_text()) or {}
-    with _with_env(env):  # Prefect reads `{{ $VAR }}` from os.environ
+    with environ_scope(env):  # Prefect reads `{{ $VAR }}` from os.environ
         deployments = apply_values(config.get("deployments") or [], dict(os.environ), remove_notset=False)
     if not deployments:
         raise StackError(f"{path} defines no deployments")
@@ -78,7 +59,7 @@ def preflight(prefect_file: str | Path, env: dict[str, str]) -> list[dict]:
         raise StackError(f"{path} uses environment variables that are not set: {missing} (`eval \"$(python -m infra.stack env)\"` sets them)")
     sys.path.insert(0, str(path.parent))
     try:
-        with _with_env(env):
+        with environ_scope(env):
             for deployment in deployments:
                 name = f"{deployment.get('name')} ({deployment.get('entrypoint')})"
                 flow = load_flow_from_entrypoint(str(path.parent / deployment["entrypoint"]))
@@ -110,7 +91,7 @@ def preflight(prefect_file: str | Path, env: dict[str, str]) -> list[dict]:
 def deploy_env(config: StackConfig, *, caller_wins: bool = True) -> dict[str, str]:
     """The variables ``prefect deploy`` and the checks run with: the stack's addresses and the
     environment's S3 keys; with ``caller_wins``, a server or pool the caller set wins."""
-    env = {**_s3_credentials(config), **config.client_env()}
+    env = {**s3_credentials(config), **config.client_env()}
     if caller_wins:
         for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CAFM_STORAGE_ROOT", "CAFM_WORK_POOL"):
             if os.environ.get(key):

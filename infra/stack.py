@@ -23,257 +23,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
-SERVICES = ("s3", "ray", "mlflow", "prefect", "worker")
-# Local S3 (moto) accepts any key pair; these are used only when the environment has none.
-LOCAL_S3_KEY_ID, LOCAL_S3_SECRET = "cafm-local", "cafm-local-secret"
-
-
-class StackError(RuntimeError):
-    """The stack cannot be brought up or used; the message says what and where."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` without a password (``postgresql://user:***@host/db``)."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((HOST, port)) == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    if value == "auto":
-        return free_port()
-    try:
-        return int(value)
-    except ValueError:
-        raise StackError(f"{name}={value!r} is not a port number (or 'auto')") from None
-
-
-@dataclass
-class StackConfig:
-    """Where the stack lives and how it is reached; :meth:`from_env` reads ``CAFM_*`` variables.
-
-    ``s3_endpoint`` None starts the local S3-compatible server (moto); set it (with
-    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` in the environment) to use a real
-    endpoint (MinIO, AWS) instead. ``prefect_db_url`` None keeps Prefect on SQLite in ``home``.
-    """
-
-    home: Path
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    s3_port: int = 9000
-    ray_port: int = 6380
-    bucket: str = "cafm"
-    s3_endpoint: str | None = None
-    prefect_db_url: str | None = None
-    work_pool: str = "cafm-process"
-    ray_cpus: int = 3
-    stack_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-    @classmethod
-    def from_env(cls, home: str | os.PathLike | None = None) -> StackConfig:
-        return cls(
-            home=Path(home or os.environ.get("CAFM_STACK_HOME") or REPO / ".stack").resolve(),
-            prefect_port=_env_int("CAFM_PREFECT_PORT", 4200),
-            mlflow_port=_env_int("CAFM_MLFLOW_PORT", 5000),
-            s3_port=_env_int("CAFM_S3_PORT", 9000),
-            ray_port=_env_int("CAFM_RAY_PORT", 6380),
-            bucket=os.environ.get("CAFM_BUCKET", "cafm"),
-            s3_endpoint=os.environ.get("CAFM_S3_ENDPOINT") or None,
-            prefect_db_url=os.environ.get("CAFM_PREFECT_DB_URL") or None,
-            work_pool=os.environ.get("CAFM_WORK_POOL", "cafm-process"),
-            ray_cpus=_env_int("CAFM_RAY_CPUS", 3),
-        )
-
-    # ---- derived addresses -----------------------------------------------------------
-    @property
-    def local_s3(self) -> bool:
-        return self.s3_endpoint is None
-
-    @property
-    def s3_url(self) -> str:
-        return self.s3_endpoint or f"http://{HOST}:{self.s3_port}"
-
-    @property
-    def prefect_api(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}/api"
-
-    @property
-    def prefect_ui(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{HOST}:{self.mlflow_port}"
-
-    @property
-    def ray_address(self) -> str:
-        return f"{HOST}:{self.ray_port}"
-
-    @property
-    def storage_root(self) -> str:
-        return f"s3://{self.bucket}/runs"
-
-    @property
-    def ray_temp(self) -> Path:
-        # Ray's socket paths must stay under ~107 characters: a short folder of its own.
-        return Path("/tmp") / f"cafm-ray-{self.stack_id}"
-
-    def client_env(self) -> dict[str, str]:
-        """What a process needs to use the stack (no secrets: keys stay in the caller's env)."""
-        return {
-            "PREFECT_API_URL": self.prefect_api,
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "RAY_ADDRESS": self.ray_address,
-            # Ray's gRPC ports listen on every interface; the cluster token (~/.ray/auth_token,
-            # made by `ray start`) keeps other hosts out, and clients must be told to send it.
-            "RAY_AUTH_MODE": "token",
-            "AWS_ENDPOINT_URL": self.s3_url,
-            "CAFM_STORAGE_ROOT": self.storage_root,
-            "CAFM_WORK_POOL": self.work_pool,
-        }
-
-
-def _s3_credentials(config: StackConfig) -> dict[str, str]:
-    """S3 variables for the services: the environment's keys; local dummies for moto only."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
-    if config.local_s3:
-        env.setdefault("AWS_ACCESS_KEY_ID", LOCAL_S3_KEY_ID)
-        env.setdefault("AWS_SECRET_ACCESS_KEY", LOCAL_S3_SECRET)
-    elif not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
-        raise StackError(f"CAFM_S3_ENDPOINT={config.s3_endpoint} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
-    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    env["AWS_ENDPOINT_URL"] = config.s3_url
-    env["AWS_EC2_METADATA_DISABLED"] = "true"
-    return env
-
-
-# ---- health checks -----------------------------------------------------------------------
-
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def api_json(url: str, body: dict | None = None, timeout: float = 10.0, method: str | None = None):
-    """GET (or POST ``body`` to, or ``method``) a JSON API on loopback."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"),
-                                     headers={"Content-Type": "application/json"})
-    for attempt in range(4):
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                return json.loads(response.read().decode() or "null")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 503 and attempt < 3:  # Prefect on SQLite answers 503 while the database is locked
-                time.sleep(1.0 + attempt)
-                continue
-            detail = exc.read().decode(errors="replace")[:2000]  # keep the server's explanation
-            raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
-
-
-def _worker_online(config: StackConfig, since: float | None = None) -> bool:
-    """The stack's worker is ONLINE on its pool (with a heartbeat after ``since``, epoch s)."""
-    from datetime import datetime
-
-    try:
-        workers = api_json(f"{config.prefect_api}/work_pools/{config.work_pool}/workers/filter", {})
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    for worker in workers or []:
-        if worker.get("name") != f"cafm-worker-{config.stack_id}" or worker.get("status") != "ONLINE":
-            continue
-        beat = worker.get("last_heartbeat_time")
-        if since is None or (beat and datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp() >= since):
-            return True
-    return False
-
-
-def healthy(config: StackConfig, service: str) -> bool:
-    if service == "s3":
-        return _http_ok(f"{config.s3_url}/moto-api/") if config.local_s3 else _bucket_usable(config)
-    if service == "ray":
-        with socket.socket() as probe:
-            probe.settimeout(1.0)
-            return probe.connect_ex((HOST, config.ray_port)) == 0
-    if service == "mlflow":
-        return _http_ok(f"{config.mlflow_url}/health")
-    if service == "prefect":
-        return _http_ok(f"{config.prefect_api}/health")
-    if service == "worker":
-        return _worker_online(config)
-    raise StackError(f"unknown service {service!r}; expected one of {SERVICES}")
-
-
-def _bucket_usable(config: StackConfig) -> bool:
-    try:
-        check_bucket(config)
-        return True
-    except StackError:
-        return False
-
-
-def check_bucket(config: StackConfig, create: bool = False) -> None:
-    """The stack's bucket is reachable and writable with the environment's keys (clear error if not).
-
-    ``create``: make it first (local S3 only: a real bucket is the operator's to create)."""
-    from tasks.storage import StorageError, check_reachable
-
-    env = _s3_credentials(config)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        if create:
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=config.s3_url)
-            names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-            if config.bucket not in names:
-                client.create_bucket(Bucket=config.bucket)
-        check_reachable(f"s3://{config.bucket}/mlflow")
-    except StorageError as exc:
-        raise StackError(str(exc)) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+from infra.config import (BIN, HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, REPO, SERVICES, StackConfig, StackError,
+                          free_port, redact_url, s3_credentials)
+from infra.deploy import deploy, deploy_env
+from infra.health import api_json, check_bucket, healthy, port_open, worker_online
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -395,16 +155,16 @@ class Stack:
     def _check_port_free(self, service: str) -> None:
         port = {"s3": self.config.s3_port, "ray": self.config.ray_port, "mlflow": self.config.mlflow_port,
                 "prefect": self.config.prefect_port}.get(service)
-        if port and _port_in_use(port):
+        if port and port_open(port, timeout=0.5):
             var = {"s3": "CAFM_S3_PORT", "ray": "CAFM_RAY_PORT", "mlflow": "CAFM_MLFLOW_PORT", "prefect": "CAFM_PREFECT_PORT"}[service]
             raise StackError(f"cannot start {service}: port {port} on {HOST} is already in use by another program; "
                              f"set {var} to a free port (or 'auto'), or stop that program")
 
     def _env(self) -> dict[str, str]:
-        from tasks._offline import OFFLINE_DEFAULTS  # telemetry off in every service
+        from tasks.offline import OFFLINE_DEFAULTS  # telemetry off in every service (lazy: importing sets os.environ)
 
         env = {**OFFLINE_DEFAULTS, **os.environ}
-        env.update(_s3_credentials(self.config))
+        env.update(s3_credentials(self.config))
         env.update(self.config.client_env())
         env.update({
             "CAFM_STACK_ID": self.config.stack_id,
@@ -455,7 +215,7 @@ class Stack:
     def _wait_healthy(self, service: str, pid: int, timeout_s: float) -> None:
         deadline, started = time.monotonic() + timeout_s, time.time() - 1.0
         while time.monotonic() < deadline:
-            if _worker_online(self.config, since=started) if service == "worker" else healthy(self.config, service):
+            if worker_online(self.config, since=started) if service == "worker" else healthy(self.config, service):
                 return
             if not _alive(pid):
                 raise StackError(f"{service} exited during start-up; see {self.logs / (service + '.log')}:\n"
@@ -536,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = sub.add_parser("logs", help="the last lines of the services' logs")
     logs.add_argument("service", nargs="?", choices=SERVICES)
     logs.add_argument("-n", "--lines", type=int, default=40)
-    deploy = sub.add_parser("deploy", help="preflight checks, then `prefect deploy --all` against the stack")
-    deploy.add_argument("--file", default=str(REPO / "prefect.yaml"))
+    deploy_cmd = sub.add_parser("deploy", help="preflight checks, then `prefect deploy --all` against the stack")
+    deploy_cmd.add_argument("--file", default=str(REPO / "prefect.yaml"))
     args = parser.parse_args(argv)
 
     stack = Stack()
@@ -570,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
             for service in [args.service] if args.service else stack.services():
                 print(f"==> {service} ({stack.logs / (service + '.log')})\n{tail(stack.logs / f'{service}.log', args.lines)}")
         elif args.command == "deploy":
-            from infra.deploy import deploy, deploy_env
-
             deploy(deploy_env(stack.config), args.file)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -39,7 +39,7 @@ def shard_seed(seed: int, key: str, start: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _generate_shard(store_root: str, spec: ShardSpec, labels: list[int] | None, device: str) -> str:
+def generate_shard(store_root: str, spec: ShardSpec, labels: list[int] | None, device: str) -> str:
     torch.set_num_threads(1)
     store = Store(store_root)
     if store.exists(spec.out_url):
@@ -66,7 +66,7 @@ def _generate_shard(store_root: str, spec: ShardSpec, labels: list[int] | None, 
     return spec.out_url
 
 
-_remote_shard = ray.remote(num_cpus=1)(_generate_shard)
+_remote_shard = ray.remote(num_cpus=1)(generate_shard)
 
 
 def setting_key(setting: SamplerSetting) -> str:

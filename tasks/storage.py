@@ -36,16 +36,6 @@ logger = logging.getLogger(__name__)
 COMPLETE_FILE = "_COMPLETE.json"
 """Stage-completion marker, written last by :meth:`Store.mark_complete`."""
 
-STORAGE_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
-"""Environment variables the S3 client reads; every process touching ``s3://`` needs them."""
-
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _S3_PROTOCOLS = ("s3://",)
 _LOCAL_PREFIX = "file://"
@@ -133,9 +123,14 @@ def is_s3_url(url: str) -> bool:
     return isinstance(url, str) and url.startswith(_S3_PROTOCOLS)
 
 
-def s3_endpoint_description() -> str:
+def _s3_endpoint_description() -> str:
     """The S3 endpoint the environment selects, for error messages (never credentials)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
+
+
+def artifact_url(url: str) -> str:
+    """A storage URL as Prefect's image artifacts take it (local paths as ``file://`` URIs)."""
+    return url if "://" in url else Path(url).resolve().as_uri()
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -220,11 +215,6 @@ class Store:
                 self._fs = fsspec.filesystem("file")
         return self._fs
 
-    @property
-    def storage_options(self) -> dict:
-        """fsspec storage options matching this store (for libraries that open URLs themselves)."""
-        return s3_storage_options() if self.is_s3 else {}
-
     def url(self, *parts: str) -> str:
         """A URL under the root: ``Store("s3://b/run").url("data", "x.json") == "s3://b/run/data/x.json"``."""
         return join_url(self.root, *parts) if parts else self.root
@@ -264,10 +254,10 @@ class Store:
                 if isinstance(error, FileNotFoundError) and action == "read":
                     raise FileNotFoundError(f"{url} does not exist ({_describe(error)})") from error
                 if not _is_transient(error):
-                    where = f" (endpoint {s3_endpoint_description()})" if self.is_s3 else ""
+                    where = f" (endpoint {_s3_endpoint_description()})" if self.is_s3 else ""
                     raise StorageError(f"cannot {action} {url}{where}: {_describe(error)}") from error
                 if attempt == self.retries:
-                    where = f" (endpoint {s3_endpoint_description()})" if self.is_s3 else ""
+                    where = f" (endpoint {_s3_endpoint_description()})" if self.is_s3 else ""
                     raise StorageError(
                         f"cannot {action} {url}{where}: still failing after {self.retries} attempts: {_describe(error)}"
                     ) from error
@@ -290,7 +280,7 @@ class Store:
         if self.is_s3:
             self._retry("write", url, lambda: self.filesystem.pipe_file(path, data))
         else:
-            self._retry("write", url, lambda: _write_local_atomic(path, lambda fh: fh.write(data)))
+            self._retry("write", url, lambda: write_local_atomic(path, lambda fh: fh.write(data)))
 
     def read_bytes(self, url: str) -> bytes:
         path = self.fs_path(url)
@@ -385,7 +375,7 @@ class Store:
                 )
             else:
                 data = self.read_bytes(path)
-                _write_local_atomic(str(local_path), lambda fh, data=data: fh.write(data))
+                write_local_atomic(str(local_path), lambda fh, data=data: fh.write(data))
         return target
 
     def upload_dir(self, local_dir: str | os.PathLike, url: str, marker_last: str | None = None) -> list[str]:
@@ -425,7 +415,7 @@ class Store:
         else:
             def copy() -> None:
                 with open(local_path, "rb") as src:
-                    _write_local_atomic(path, lambda fh: _copy_stream(src, fh))
+                    write_local_atomic(path, lambda fh: _copy_stream(src, fh))
 
             self._retry("write", url, copy)
 
@@ -503,7 +493,7 @@ def _copy_stream(src, dst, chunk: int = 8 << 20) -> None:
         dst.write(block)
 
 
-def _write_local_atomic(path: str, write: Callable[[Any], Any]) -> None:
+def write_local_atomic(path: str, write: Callable[[Any], Any]) -> None:
     """Create parents, write via ``write(fh)`` to a temp file in the same folder, fsync, ``os.replace``."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)

@@ -44,9 +44,10 @@ from cafm_core.evaluation import (
 )
 from cafm_core.models import discriminator_from_generator
 from cafm_core.training import DivergenceGuard, infinite_batches, train_cafm
-from tasks.prepare import load_for_evaluation
+from tasks.dataset_format import load_for_evaluation
 from tasks.storage import Store
-from tasks.train import _storage_filesystem, train_config
+from tasks.arrow_storage import ray_storage
+from tasks.train.configs import train_config
 
 # what Tune adds to every report (iteration counters, timestamps, host): not ours to log
 _TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"})
@@ -183,7 +184,7 @@ def run_sweep(
         "curve_setting": curve_setting.to_dict(), "curve_every": curve_every, "curve_samples": curve_samples,
         "threads": cpus_per_trial, "divergence": DivergenceGuard(**(divergence or {})).to_dict(),
     }
-    storage_fs, storage_base = _storage_filesystem(Store.join(out_url, "tune"))
+    storage_fs, storage_base = ray_storage(Store.join(out_url, "tune"))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": cpus_per_trial}),
         param_space={"trial": tune.grid_search(list(trials))},
@@ -215,7 +216,7 @@ def run_sweep(
         if final is not None and "diverged_at_step" in final:
             entry["diverged"] = store.read_json(Store.join(out_url, "trials", trial["name"], "diverged.json"))
         elif final is not None:
-            entry["rows"] = _rows_from_report(final, settings, seeds)
+            entry["rows"] = rows_from_report(final, settings, seeds)
             entry["model_url"] = Store.join(out_url, "trials", trial["name"], "model")
         outcomes.append(entry)
     outcomes.sort(key=lambda t: t["name"])
@@ -227,7 +228,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def _rows_from_report(final: Mapping[str, Any], settings: list[SamplerSetting], seeds: list[int]) -> list[dict]:
+def rows_from_report(final: Mapping[str, Any], settings: list[SamplerSetting], seeds: list[int]) -> list[dict]:
     rows = []
     for setting in settings:
         for seed in seeds:

@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 log = logging.getLogger(__name__)
 
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key")
-MLFLOW_MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
+MLFLOW_MODEL_CODE = str(Path(__file__).with_name("registry_model.py"))
 
 
 OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"

@@ -146,22 +146,23 @@ def test_a_stage_started_while_the_server_is_down_is_created_later(mlflow_server
 
 _STOPPED_ATTEMPT = """
 import os, sys
-from flows import pipeline
 from flows.params import PipelineParams
+from flows.run_layout import RunLayout
 
 params = PipelineParams(storage_root=sys.argv[1], run_name="replayed", tracking_uri=sys.argv[2], experiment="replay")
-tracker, run = pipeline._tracker(params), pipeline.Run(params)
+tracking = RunLayout(params).tracking
+tracker = tracking.tracker
 tracker.retry_after_s = 0
 if sys.argv[3] == "killed":  # the server is up: a stage run is created, then the process dies inside it
-    with tracker.run("killed-stage", {"lr": 0.1}, tags=run.tags):
+    with tracker.run("killed-stage", {"lr": 0.1}, tags=tracking.tags):
         tracker.log_metrics({"fm_loss": 2.0}, step=5)
         assert tracker.flush()
         os._exit(0)
-with tracker.run("pipeline-replayed", {"seed": 0}, tags=run.tags):  # the server is down all along
-    with tracker.run("fm", {"lr": 0.001}, tags=run.tags):
+with tracker.run("pipeline-replayed", {"seed": 0}, tags=tracking.tags):  # the server is down all along
+    with tracker.run("fm", {"lr": 0.001}, tags=tracking.tags):
         tracker.log_history([{"step": 10, "fm_loss": 1.0}, {"step": 20, "fm_loss": 0.5}])
         tracker.log_dict({"rollbacks": []}, "rollbacks.json")
-print("unlogged:", len(pipeline._note_unlogged(run, tracker)))
+print("unlogged:", len(tracking.note_unlogged()))
 """
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import load_builtin
 from cafm_core.features import DigitFeatureNet
-from tasks.prepare import load_feature_net, load_prepared, load_reference_stats, prepare_dataset, shard_urls
+from tasks.dataset_format import load_feature_net, load_prepared, load_reference_stats, shard_urls
+from tasks.prepare import prepare_dataset
 from tasks.storage import COMPLETE_FILE, IncompleteOutputError, StorageError, Store, check_reachable, join_url
 
 from .conftest import TEST_SECRET_KEY

@@ -111,7 +111,7 @@ def ray_through_relay(relay_to_s3):
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                        "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}.items():
         os.environ.setdefault(key, value)
-    from tasks.train import start_cluster
+    from tasks.ray_cluster import start_cluster
 
     if ray.is_initialized():
         ray.shutdown()
@@ -124,7 +124,7 @@ def test_an_s3_outage_during_a_ray_checkpoint_upload_loses_nothing(tmp_path, s3_
     from tests.integration.test_ray_train import assert_history_ok, write_shards
 
     from tasks.storage import Store
-    from tasks.train import run_flow_matching
+    from tasks.train.driver import run_flow_matching
 
     relay = ray_through_relay
     bucket = s3_bucket.removeprefix("s3://")
@@ -197,9 +197,9 @@ def test_fit_is_started_again_only_for_storage_failures(monkeypatch):
     backoff, up to the limit; any other error is raised at once."""
     import ray.train
 
-    import tasks.train as train
+    from tasks.train import driver
 
-    monkeypatch.setattr(train, "STORAGE_BACKOFF_S", 0.0)
+    monkeypatch.setattr(driver, "STORAGE_BACKOFF_S", 0.0)
     storage = ray.train.ControllerError(OSError("When uploading part: AWS Error NETWORK_CONNECTION"))
     other = ray.train.ControllerError(RuntimeError("placement group timed out"))
 
@@ -217,12 +217,12 @@ def test_fit_is_started_again_only_for_storage_failures(monkeypatch):
         return (lambda: Trainer()), calls
 
     make, calls = trainers(storage, storage, "result")
-    assert train._fit(make, "run") == "result" and len(calls) == 3
+    assert driver.fit_with_storage_retries(make, "run") == "result" and len(calls) == 3
     make, calls = trainers(other, "result")
     with pytest.raises(ray.train.ControllerError, match="placement group"):
-        train._fit(make, "run")
+        driver.fit_with_storage_retries(make, "run")
     assert len(calls) == 1
-    make, calls = trainers(*[storage] * (train.STORAGE_RETRIES + 1))
+    make, calls = trainers(*[storage] * (driver.STORAGE_RETRIES + 1))
     with pytest.raises(ray.train.ControllerError, match="NETWORK_CONNECTION"):
-        train._fit(make, "run")
-    assert len(calls) == train.STORAGE_RETRIES + 1
+        driver.fit_with_storage_retries(make, "run")
+    assert len(calls) == driver.STORAGE_RETRIES + 1

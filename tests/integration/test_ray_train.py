@@ -1,4 +1,4 @@
-"""Ray Train stages (tasks/train.py) on a 2-worker local Ray cluster (loopback, CPU, gloo DDP).
+"""Ray Train stages (tasks/train/) on a 2-worker local Ray cluster (loopback, CPU, gloo DDP).
 
 Tiny models and few steps: the checks are about the distributed plumbing (DDP sync,
 checkpoints, resume, data shards), not about sample quality.
@@ -22,13 +22,8 @@ import torch
 from cafm_core.checkpoint import load_checkpoint, load_model, save_model, unflatten_state_dicts
 from cafm_core.data import load_builtin
 from cafm_core.models import MLPConfig, build_generator, dit_config
-from tasks.train import (
-    TrainingDiverged,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-    run_cafm,
-    run_flow_matching,
-)
+from tasks.train.driver import TrainingDiverged, run_cafm, run_flow_matching
+from tasks.train.train_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 pytestmark = pytest.mark.integration
 
@@ -369,9 +364,9 @@ def test_a_final_checkpoint_ray_never_registered_is_the_result(tmp_path, ray_clu
     assert saved["steps"] == 40
 
 
-def test_newest_complete_checkpoint_on_storage_skips_unfinished_folders(tmp_path):
+def test_newest_verified_checkpoint_on_storage_skips_unfinished_folders(tmp_path):
     from cafm_core.checkpoint import save_checkpoint
-    from tasks.train import TRAIN_STATE_FORMAT, _newest_complete_checkpoint
+    from tasks.train.train_state import TRAIN_STATE_FORMAT, RunCheckpoints
 
     run = tmp_path / "ray" / "run"
     for step in (20, 40, 60):
@@ -381,7 +376,7 @@ def test_newest_complete_checkpoint_on_storage_skips_unfinished_folders(tmp_path
     weights = run / "checkpoint_00000040" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # cut off
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files are ignored
-    tensors, _, metadata = _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=100)
+    tensors, _, metadata = RunCheckpoints(str(tmp_path / "ray"), "run").newest_verified(max_step=100)
     assert metadata["step"] == 20 and torch.equal(tensors["w"], torch.full((3,), 20.0))
-    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "run", max_step=10) is None
-    assert _newest_complete_checkpoint(str(tmp_path / "ray"), "missing", max_step=100) is None
+    assert RunCheckpoints(str(tmp_path / "ray"), "run").newest_verified(max_step=10) is None
+    assert RunCheckpoints(str(tmp_path / "ray"), "missing").newest_verified(max_step=100) is None

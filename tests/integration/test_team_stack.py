@@ -22,7 +22,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from infra.stack import Stack, StackConfig, api_json, free_port, stack_processes
+from infra.config import StackConfig, free_port
+from infra.health import api_json
+from infra.stack import Stack, stack_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -360,8 +362,8 @@ def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stac
 
 
 def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s3_auth_enforced):
+    from infra.config import StackError
     from infra.deploy import deploy_env, preflight
-    from infra.stack import StackError
 
     env = deploy_env(stack.config, caller_wins=False)
     yaml_file = REPO / "prefect.yaml"

@@ -7,7 +7,7 @@ or setting starts a new series. Each run holds the metrics per sampler setting
 (``nfe<N>.cfg<s>.<metric>``), each guidance-free metric as a series over NFE (``<metric>``
 at step = NFE), and the headline values (largest NFE, no guidance) as ``headline.<metric>``.
 Metrics come from ``cafm_core.evaluation`` through the same loader as the pipeline's
-evaluation stage (:func:`tasks.prepare.load_for_evaluation`).
+evaluation stage (:func:`tasks.dataset_format.load_for_evaluation`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import json
 from dataclasses import dataclass
 
 import mlflow
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from cafm_core.evaluation import IMAGE_METRICS, POINT_METRICS, SamplerSetting, evaluate_generator, summarise_over_seeds
-from tasks.prepare import load_for_evaluation, read_manifest
+from tasks.dataset_format import load_for_evaluation, read_manifest
 from tasks.storage import Store
 from tasks.tracking import Tracker
 
@@ -109,3 +111,16 @@ def trend(tracker: Tracker, model_name: str, fingerprint: str, metrics: list[str
         rows.append({"version": run.data.tags[VERSION_TAG], **{m: round(headline[m], 6) for m in metrics if m in headline},
                      "mlflow_run": run.info.run_id})
     return sorted(rows, key=lambda r: int(r["version"]))
+
+
+@task(name="evaluate-model-version", cache_policy=NONE)
+def evaluate_version_task(tracking_uri: str, experiment: str, model_name: str, version: str, *, data_url: str,
+                          settings: list[SamplerSetting], seeds: list[int], num_samples: int | None,
+                          fingerprint: str) -> dict:
+    """One registered version evaluated on the held set (or its earlier evaluation found)."""
+    tracker = Tracker(tracking_uri, experiment)
+    result = evaluate_version(tracker, Store(data_url), model_name=model_name, version=version, data_url=data_url,
+                              settings=settings, seeds=seeds, num_samples=num_samples, fingerprint=fingerprint)
+    get_run_logger().info("version %s: %s (%s)", version, result.headline,
+                          "found its evaluation run" if result.reused else "evaluated")
+    return {"version": result.version, "run_id": result.run_id, "headline": result.headline, "reused": result.reused}

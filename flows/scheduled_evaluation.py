@@ -10,13 +10,12 @@ champion's by more than ``max_regression``. Deployed with a cron schedule in ``p
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 
-from cafm_core.evaluation import ChampionDecision, SamplerSetting, decide_promotion
+from cafm_core.evaluation import ChampionDecision, decide_promotion
 from flows.params import ModelEvaluationParams
-from tasks.model_eval import alias_versions, evaluate_version, evaluation_fingerprint, trend
+from tasks.registry_evaluation import alias_versions, evaluate_version_task, evaluation_fingerprint, trend
 from tasks.secrets import load_secret_blocks
 from tasks.storage import Store, check_reachable
 from tasks.tracking import Tracker, default_tracking_uri
@@ -24,22 +23,6 @@ from tasks.tracking import Tracker, default_tracking_uri
 
 class ModelRegression(RuntimeError):
     """The candidate is worse than the champion past the configured threshold."""
-
-
-def _settings(params: ModelEvaluationParams) -> list[SamplerSetting]:
-    s = params.sampling
-    return [SamplerSetting(s.method, nfe, cfg) for cfg in s.cfg_scales for nfe in s.nfes]
-
-
-@task(name="evaluate-model-version", cache_policy=NONE)
-def evaluate_version_task(params: ModelEvaluationParams, version: str, fingerprint: str) -> dict:
-    tracker = Tracker(params.tracking_uri or default_tracking_uri("outputs"), params.experiment)
-    result = evaluate_version(tracker, Store(params.data_url), model_name=params.registered_model, version=version,
-                              data_url=params.data_url, settings=_settings(params), seeds=params.seeds,
-                              num_samples=params.sampling.num_samples, fingerprint=fingerprint)
-    get_run_logger().info("version %s: %s (%s)", version, result.headline,
-                          "found its evaluation run" if result.reused else "evaluated")
-    return {"version": result.version, "run_id": result.run_id, "headline": result.headline, "reused": result.reused}
 
 
 def _report(params: ModelEvaluationParams, roles: dict[str, str], results: dict[str, dict],
@@ -77,9 +60,15 @@ def evaluate_registered(params: ModelEvaluationParams = ModelEvaluationParams())
     roles = alias_versions(tracker, params.registered_model)
     if not roles:
         raise ValueError(f"registered model {params.registered_model!r} has neither a 'champion' nor a 'candidate' alias")
-    fingerprint = evaluation_fingerprint(Store(params.data_url), params.data_url, _settings(params), params.seeds,
+    settings = params.sampling.sampler_settings()
+    fingerprint = evaluation_fingerprint(Store(params.data_url), params.data_url, settings, params.seeds,
                                          params.sampling.num_samples)
-    results = {version: evaluate_version_task(params, version, fingerprint) for version in sorted(set(roles.values()), key=int)}
+    results = {
+        version: evaluate_version_task(tracker.tracking_uri, params.experiment, params.registered_model, version,
+                                       data_url=params.data_url, settings=settings, seeds=params.seeds,
+                                       num_samples=params.sampling.num_samples, fingerprint=fingerprint)
+        for version in sorted(set(roles.values()), key=int)
+    }
 
     decision, promoted = None, False
     champion, candidate = roles.get("champion"), roles.get("candidate")

@@ -1,4 +1,5 @@
-"""Evaluation reads image samples shard by shard and gets the same metrics as all at once."""
+"""The evaluation stage (tasks.sample_scoring) reads image samples shard by shard and gets the
+same metrics as all at once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from safetensors.torch import save as safetensors_save
 
 from cafm_core.evaluation import evaluate_samples
 from cafm_core.features import extract_features
-from tasks.evaluate import _PICTURED, _streamed_image_metrics
-from tasks.prepare import load_for_evaluation, prepare_dataset
+from tasks.dataset_format import load_for_evaluation
+from tasks.prepare import prepare_dataset
+from tasks.sample_scoring import PICTURED_PER_MODEL, streamed_image_metrics
 from tasks.storage import Store
 
 
@@ -30,7 +32,7 @@ def test_streamed_image_metrics_equal_the_in_memory_ones(tmp_path):
 
     features = lambda x: extract_features(feature_net, x)  # noqa: E731
     real_features = features(dataset.data)
-    streamed, pictured = _streamed_image_metrics(
+    streamed, pictured = streamed_image_metrics(
         store, urls, dataset, features=features, classifier=feature_net, real_features=real_features,
         inception=None, real_inception=None, seed=3)
     at_once = evaluate_samples(samples, dataset, features=features, classifier=feature_net, labels=labels,
@@ -38,4 +40,4 @@ def test_streamed_image_metrics_equal_the_in_memory_ones(tmp_path):
     assert set(streamed) == set(at_once) == {"fd", "kid", "kid_std", "precision", "recall", "class_accuracy"}
     for key, value in at_once.items():
         assert streamed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-    assert torch.equal(pictured, samples[:_PICTURED])
+    assert torch.equal(pictured, samples[:PICTURED_PER_MODEL])

@@ -1,4 +1,4 @@
-"""Evaluation stage: FM vs CAFM at identical sampler settings, with the noise floor.
+"""Evaluation stage (sample scoring): FM vs CAFM at identical sampler settings, with the noise floor.
 
 Reads the sample shards, computes metrics with ``cafm_core.evaluation`` (in-domain
 features from the preparation stage; Inception where a local weights file is given),
@@ -8,7 +8,6 @@ and writes ``report.md``, ``metrics.json`` and ``samples.png`` to storage.
 from __future__ import annotations
 
 import io
-import json
 
 import torch
 
@@ -29,14 +28,14 @@ from cafm_core.checks import CAFMInputError
 from cafm_core.features import class_accuracy_from_features, extract_features, load_inception_features
 from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
-from tasks.prepare import load_for_evaluation
+from tasks.dataset_format import load_for_evaluation
 from tasks.sampling import read_samples, setting_key
 from tasks.storage import Store
 
-_PICTURED = 50  # images per model in samples.png
+PICTURED_PER_MODEL = 50  # images per model in samples.png
 
 
-def _streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, features, classifier, real_features,
+def streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, features, classifier, real_features,
                             inception, real_inception, seed: int) -> tuple[dict, torch.Tensor]:
     """Image metrics of one sample set read shard by shard: only features (and the first
     images for the picture) are kept, so memory is bounded by the shard and feature sizes,
@@ -55,8 +54,8 @@ def _streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, fea
         if classifier is not None and labels is not None:
             correct += class_accuracy_from_features(classifier, shard_features, labels) * len(samples)
             labelled += len(samples)
-        if sum(len(p) for p in pictured) < _PICTURED:
-            pictured.append(samples[: _PICTURED - sum(len(p) for p in pictured)].clone())
+        if sum(len(p) for p in pictured) < PICTURED_PER_MODEL:
+            pictured.append(samples[: PICTURED_PER_MODEL - sum(len(p) for p in pictured)].clone())
         del samples, labels
     metrics = image_metrics(real_features, torch.cat(fake), seed=seed)
     if labelled:
@@ -66,7 +65,7 @@ def _streamed_image_metrics(store: Store, shard_urls: list[str], dataset, *, fea
     return metrics, torch.cat(pictured)
 
 
-def evaluate_stage(
+def score_samples(
     store: Store,
     *,
     data_url: str,
@@ -100,7 +99,7 @@ def evaluate_stage(
                 if image:
                     if features is None:
                         raise CAFMInputError(f"{data_url} has no feature network: image samples cannot be evaluated")
-                    metrics, first = _streamed_image_metrics(
+                    metrics, first = streamed_image_metrics(
                         store, urls, dataset, features=features, classifier=feature_net, real_features=real_features,
                         inception=inception, real_inception=real_inception, seed=seed)
                 else:  # points: a few floats per sample, read at once
@@ -148,7 +147,3 @@ def headline(summary: list[dict], metric: str, model: str = "CAFM") -> float | N
     if not candidates:
         return None
     return max(candidates, key=lambda r: r["nfe"])[metric]
-
-
-def summary_json(result: dict) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "picture_png"}, indent=2, default=str)

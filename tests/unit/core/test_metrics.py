@@ -95,7 +95,7 @@ def test_precision_recall_same_distribution_far_fake_and_collapsed_fake():
 def test_knn_tiles_give_the_same_radii_and_balls_as_all_pairs_at_once():
     """The bounded-memory tiling (rows x columns, running k smallest) must not change the
     answer: compare with every pairwise distance computed in one matrix."""
-    from cafm_core.metrics import _knn_radii, _within_manifold
+    from cafm_core.metrics import knn_radii, within_manifold
 
     generator = torch.Generator().manual_seed(3)
     points = torch.randn(103, 5, generator=generator, dtype=torch.float64)
@@ -106,9 +106,9 @@ def test_knn_tiles_give_the_same_radii_and_balls_as_all_pairs_at_once():
     expected_inside = (torch.cdist(queries, points) <= expected_radii.unsqueeze(0)).any(dim=1)
     assert 0 < int(expected_inside.sum()) < len(queries)  # the check below can fail either way
     for rows, columns in [(7, 5), (1, 4), (1024, 8192), (103, 2)]:
-        radii = _knn_radii(points, k, rows=rows, columns=columns)
+        radii = knn_radii(points, k, rows=rows, columns=columns)
         torch.testing.assert_close(radii, expected_radii, rtol=1e-12, atol=1e-12)
-        inside = _within_manifold(queries, points, radii, rows=rows, columns=columns)
+        inside = within_manifold(queries, points, radii, rows=rows, columns=columns)
         assert torch.equal(inside, expected_inside), (rows, columns)
 
 

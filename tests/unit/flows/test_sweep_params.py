@@ -6,8 +6,8 @@ from pydantic import ValidationError
 
 from flows.cli import build_params
 from flows.params import SweepParams
-from tasks.sweep import _rows_from_report, trial_name
-from tasks.train import train_config
+from tasks.sweep import rows_from_report, trial_name
+from tasks.train.configs import train_config
 from cafm_core.evaluation import SamplerSetting
 from cafm_core.evaluation import rank_models
 
@@ -51,7 +51,7 @@ def test_rows_round_trip_through_a_flat_report():
     settings = [SamplerSetting("heun", 8), SamplerSetting("heun", 32)]
     final = {"final": 1.0, "step": 100, "eval.heun-nfe8-cfg1.seed0.fd": 1.5, "eval.heun-nfe8-cfg1.seed1.fd": 1.7,
              "eval.heun-nfe32-cfg1.seed0.fd": 0.9, "eval.heun-nfe32-cfg1.seed0.kid": 0.01}
-    rows = _rows_from_report(final, settings, [0, 1])
+    rows = rows_from_report(final, settings, [0, 1])
     assert rows == [
         {"method": "heun", "nfe": 8, "cfg_scale": 1.0, "seed": 0, "fd": 1.5},
         {"method": "heun", "nfe": 8, "cfg_scale": 1.0, "seed": 1, "fd": 1.7},

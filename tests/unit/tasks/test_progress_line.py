@@ -1,14 +1,15 @@
 """Training report lines carry a progress bar, elapsed time and the time left."""
 
-from tasks.train import _format_row, worker_cpus
+from tasks.ray_cluster import worker_cpus
+from tasks.train.worker_loop import progress_line
 
 
 def test_progress_line_shows_bar_share_and_eta():
-    line = _format_row("fm", {"step": 500, "fm_loss": 0.41}, 2000, 0, 61.0)
+    line = progress_line("fm", {"step": 500, "fm_loss": 0.41}, 2000, 0, 61.0)
     assert line.startswith("[fm] [#####...............] 500/2000 25% 1m01s<3m03s")
     assert line.endswith("fm_loss=0.41")
     # a resumed run estimates from the steps it made itself
-    resumed = _format_row("cafm", {"step": 1500}, 2000, 1000, 100.0)
+    resumed = progress_line("cafm", {"step": 1500}, 2000, 1000, 100.0)
     assert "1500/2000 75% 1m40s<1m40s" in resumed
 
 

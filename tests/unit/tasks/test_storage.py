@@ -90,7 +90,7 @@ def test_failed_local_write_keeps_old_content_and_leaves_no_temp_file(store, mon
 
 
 def test_transient_write_errors_are_retried_then_succeed(store, monkeypatch):
-    real = storage._write_local_atomic
+    real = storage.write_local_atomic
     calls = []
 
     def flaky(path, write):
@@ -99,7 +99,7 @@ def test_transient_write_errors_are_retried_then_succeed(store, monkeypatch):
             raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
         return real(path, write)
 
-    monkeypatch.setattr(storage, "_write_local_atomic", flaky)
+    monkeypatch.setattr(storage, "write_local_atomic", flaky)
     store.write_bytes(store.url("r.bin"), b"data")
     assert len(calls) == 3
     assert store.read_bytes(store.url("r.bin")) == b"data"
@@ -112,7 +112,7 @@ def test_persistent_transient_errors_fail_clearly_after_all_attempts(store, monk
         calls.append(path)
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(storage, "_write_local_atomic", always_timeout)
+    monkeypatch.setattr(storage, "write_local_atomic", always_timeout)
     with pytest.raises(StorageError, match=r"r\.bin.*after 3 attempts.*TimeoutError"):
         store.write_bytes(store.url("r.bin"), b"data")
     assert len(calls) == 3
@@ -125,7 +125,7 @@ def test_permanent_errors_are_not_retried(store, monkeypatch):
         calls.append(path)
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(storage, "_write_local_atomic", denied)
+    monkeypatch.setattr(storage, "write_local_atomic", denied)
     with pytest.raises(StorageError, match="Permission denied"):
         store.write_bytes(store.url("p.bin"), b"data")
     assert len(calls) == 1
@@ -135,7 +135,7 @@ def test_backoff_grows_exponentially(tmp_path, monkeypatch):
     store = Store(str(tmp_path), retries=4, backoff_s=0.5)
     sleeps = []
     monkeypatch.setattr(storage.time, "sleep", sleeps.append)
-    monkeypatch.setattr(storage, "_write_local_atomic", lambda path, write: (_ for _ in ()).throw(TimeoutError("t")))
+    monkeypatch.setattr(storage, "write_local_atomic", lambda path, write: (_ for _ in ()).throw(TimeoutError("t")))
     with pytest.raises(StorageError):
         store.write_bytes(store.url("x"), b"1")
     assert sleeps == [0.5, 1.0, 2.0]

@@ -1,4 +1,5 @@
-"""tasks.prepare on a local store: digits, a points set, an image folder with bad files, bad inputs."""
+"""tasks.prepare (and reading its output with tasks.dataset_format) on a local store: digits, a points set,
+an image folder with bad files, bad inputs."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from PIL import Image
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import load_builtin, read_image_folder
 from cafm_core.features import DigitFeatureNet
+from tasks import dataset_format
 from tasks import prepare as prepare_module
-from tasks.prepare import (
+from tasks.dataset_format import (
     load_feature_net,
     load_prepared,
     load_reference_stats,
-    prepare_dataset,
     read_manifest,
     shard_urls,
 )
+from tasks.prepare import prepare_dataset
 from tasks.storage import COMPLETE_FILE, IncompleteOutputError, Store, join_url
 
 FEATURE_STEPS = 20
@@ -223,17 +225,17 @@ def test_overwrite_drops_the_old_marker_first(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     out = store.url("g")
     prepare_dataset("two_moons", store, out, num_samples=40)
-    real_shard_bytes = prepare_module._shard_bytes
+    real_shard_to_bytes = dataset_format.shard_to_bytes
 
     def crash_after_checking(*args, **kwargs):
         assert store.completed(out) is None
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_module, "_shard_bytes", crash_after_checking)
+    monkeypatch.setattr(dataset_format, "shard_to_bytes", crash_after_checking)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset("two_moons", store, out, num_samples=60, overwrite=True)
     assert store.completed(out) is None
-    monkeypatch.setattr(prepare_module, "_shard_bytes", real_shard_bytes)
+    monkeypatch.setattr(dataset_format, "shard_to_bytes", real_shard_to_bytes)
     assert prepare_dataset("two_moons", store, out, num_samples=60, overwrite=True)["count"] == 60
 
 

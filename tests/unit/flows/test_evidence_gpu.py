@@ -11,7 +11,7 @@ import pytest
 from cafm_core.path import TimeSampler
 from flows.params import CAFMParams, FMParams
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "evidence_gpu.py"
+_PATH = Path(__file__).resolve().parents[3] / "bench" / "evidence_gpu.py"
 _spec = importlib.util.spec_from_file_location("evidence_gpu", _PATH)
 evidence_gpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(evidence_gpu)

@@ -1,0 +1,54 @@
+"""One pipeline run's layout: each stage's folder and fingerprint, from the parameters.
+
+``<storage_root>/<run_name>/<stage>/`` holds a stage's outputs (``data``, ``fm``, ``cafm``,
+``samples``, ``eval``; ``sweep/<name>`` for sweeps; Ray Train's run directories under
+``ray/``). A stage's fingerprint hashes the parameters that change its outputs, chained
+with its inputs' fingerprints, so a changed setting invalidates exactly the stages
+downstream of it (``tasks.stage_ledger``).
+"""
+
+from __future__ import annotations
+
+from flows.params import PipelineParams
+from tasks.run_tracking import RunTracking
+from tasks.stage_ledger import StageFolder, fingerprint
+from tasks.storage import Store
+from tasks.tracking import default_tracking_uri
+
+__all__ = ["STAGES", "RunLayout", "tracking_uri"]
+
+STAGES = ("data", "fm", "cafm", "samples", "eval")
+
+
+def tracking_uri(params: PipelineParams) -> str:
+    """The MLflow store of a pipeline run: the parameter, else ``MLFLOW_TRACKING_URI``, else
+    a SQLite file beside the outputs."""
+    return params.tracking_uri or default_tracking_uri(params.storage_root)
+
+
+class RunLayout:
+    """Where one pipeline run's stages live, their fingerprints, and where it logs."""
+
+    def __init__(self, params: PipelineParams) -> None:
+        self.params = params
+        self.store = Store(params.storage_root)
+        self.base = self.store.url(params.run_name)
+        self.tracking = RunTracking(tracking_uri(params), params.experiment, self.store.root, self.base)
+
+    def fingerprint(self, stage: str) -> str:
+        p = self.params
+        data = fingerprint(p.data.model_dump(), p.seed)
+        fm = fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
+        cafm = fingerprint(fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint,
+                           p.cafm.model_dump(exclude={"curve_samples"}))  # the curve changes no weight
+        samples = fingerprint(fm, cafm, p.sampling.model_dump(), p.eval_seeds)
+        evaluation = fingerprint(samples, data, p.inception_weights)
+        return {"data": data, "fm": fm, "cafm": cafm, "samples": samples, "eval": evaluation}[stage]
+
+    def folder(self, stage: str) -> StageFolder:
+        """The folder of one of :data:`STAGES`."""
+        return StageFolder(self.store.root, self.base, self.params.run_name, stage, self.fingerprint(stage))
+
+    def sweep_folder(self, name: str, sweep_fingerprint: str) -> StageFolder:
+        """The folder of the sweep ``name`` (its fingerprint chains the FM stage's)."""
+        return StageFolder(self.store.root, self.base, self.params.run_name, f"sweep/{name}", sweep_fingerprint)

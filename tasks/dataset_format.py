@@ -1,0 +1,258 @@
+"""The prepared dataset on storage: its layout, how it is written, and how it is read back.
+
+The preparation stage (:mod:`tasks.prepare`) writes it; training, sampling, evaluation and
+the registry evaluation read it. Layout under a dataset URL::
+
+    shards/part-00000.parquet ...   columns x (float32 fixed-size list, the flattened sample),
+                                     label (int64, null when unlabelled), index (int64)
+    feature_net/                     cafm_core checkpoint of the in-domain classifier (labelled images)
+    reference_stats.safetensors      mu / sigma of the real data's features (labelled images)
+    manifest.json                    what was written, with sha256 of every shard and file
+    _COMPLETE.json                   written last; without it the output does not exist
+
+Readers verify the manifest against ``_COMPLETE.json`` and every shard and file against the
+manifest's sha256 before using them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cafm_core.checks import CAFMInputError
+from cafm_core.data import Dataset
+from cafm_core.features import DigitFeatureNet
+from tasks.storage import IncompleteOutputError, Store, join_url
+
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+FEATURE_NET_DIR = "feature_net"
+REFERENCE_STATS_FILE = "reference_stats.safetensors"
+OUTPUT_ENTRIES = (MANIFEST_FILE, SHARDS_DIR, FEATURE_NET_DIR, REFERENCE_STATS_FILE)
+MANIFEST_FORMAT = "cafm_prepared_dataset"
+MANIFEST_VERSION = 1
+
+
+def sha256_hex(data: bytes) -> str:
+    """The checksum recorded for every file of a prepared dataset."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- shards -------------------------------------------------------------------------------
+
+
+def shard_path(number: int) -> str:
+    """The path of shard ``number``, relative to the dataset URL."""
+    return f"{SHARDS_DIR}/part-{number:05d}.parquet"
+
+
+def shard_columns(sample_shape: tuple[int, ...]) -> dict[str, str]:
+    """The shard columns as the manifest describes them."""
+    return {
+        "x": f"float32 fixed_size_list[{math.prod(sample_shape)}]: the sample flattened (C-order) from {list(sample_shape)}",
+        "label": "int64 class index (null when unlabelled)",
+        "index": "int64 position in the dataset",
+    }
+
+
+def shard_to_bytes(x: np.ndarray, labels: np.ndarray | None, index: np.ndarray, sample_shape: tuple[int, ...]) -> bytes:
+    """One Parquet shard: ``x`` float32 ``[n, D]`` as a fixed-size list, ``label`` int64 (nullable), ``index``."""
+    rows, width = x.shape
+    values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), type=pa.float32())
+    columns = {
+        "x": pa.FixedSizeListArray.from_arrays(values, width),
+        "label": pa.array(labels, type=pa.int64()) if labels is not None else pa.nulls(rows, type=pa.int64()),
+        "index": pa.array(index, type=pa.int64()),
+    }
+    table = pa.table(columns).replace_schema_metadata(
+        {"cafm.sample_shape": json.dumps(list(sample_shape)), "cafm.format": MANIFEST_FORMAT}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def shard_from_bytes(data: bytes, url: str, sample_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(x, labels or None, index)`` of one shard; ``url`` names it in errors."""
+    table = pq.read_table(pa.BufferReader(data))
+    missing = {"x", "label", "index"} - set(table.column_names)
+    if missing:
+        raise CAFMInputError(f"shard {url} lacks columns {sorted(missing)}")
+    width = math.prod(sample_shape)
+    x_column = table.column("x").combine_chunks()
+    if not pa.types.is_fixed_size_list(x_column.type) or x_column.type.list_size != width:
+        raise CAFMInputError(f"shard {url}: column x has type {x_column.type}, expected fixed_size_list<float>[{width}]")
+    x = x_column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    x = x.reshape(table.num_rows, *sample_shape)
+    label_column = table.column("label")
+    if label_column.null_count == table.num_rows:
+        labels = None
+    elif label_column.null_count:
+        raise CAFMInputError(f"shard {url}: {label_column.null_count} of {table.num_rows} labels are null")
+    else:
+        labels = label_column.to_numpy().astype(np.int64, copy=False)
+    index = table.column("index").to_numpy().astype(np.int64, copy=False)
+    return x, labels, index
+
+
+# ---- writers ------------------------------------------------------------------------------
+
+
+def write_shard(store: Store, data_url: str, number: int, x: np.ndarray, labels: np.ndarray | None,
+                index: np.ndarray, sample_shape: tuple[int, ...]) -> dict:
+    """Write shard ``number``; returns its manifest entry (path, sha256, rows, bytes)."""
+    data = shard_to_bytes(x, labels, index, sample_shape)
+    relative = shard_path(number)
+    store.write_bytes(join_url(data_url, relative), data)
+    return {"path": relative, "sha256": sha256_hex(data), "rows": len(index), "bytes": len(data)}
+
+
+def write_feature_net(store: Store, data_url: str, state_dict, config: dict, accuracies: dict) -> dict:
+    """Write the feature network's checkpoint; returns its manifest entry."""
+    store.write_checkpoint(join_url(data_url, FEATURE_NET_DIR), state_dict, config, accuracies)
+    return {"path": FEATURE_NET_DIR, "config": config, **accuracies}
+
+
+def write_reference_stats(store: Store, data_url: str, mu: np.ndarray, sigma: np.ndarray, count: int) -> dict:
+    """Write ``mu`` / ``sigma`` (float64) of the real data's features; returns the manifest entry."""
+    from safetensors.numpy import save as st_save
+
+    stats_bytes = st_save(
+        {"mu": np.ascontiguousarray(mu, dtype=np.float64), "sigma": np.ascontiguousarray(sigma, dtype=np.float64)},
+        metadata={"count": str(count), "feature_dim": str(mu.shape[0]), "feature_net": FEATURE_NET_DIR},
+    )
+    store.write_bytes(join_url(data_url, REFERENCE_STATS_FILE), stats_bytes)
+    return {
+        "path": REFERENCE_STATS_FILE,
+        "sha256": sha256_hex(stats_bytes),
+        "count": count,
+        "feature_dim": int(mu.shape[0]),
+    }
+
+
+def write_manifest_and_mark_complete(store: Store, data_url: str, manifest: dict) -> None:
+    """Write ``manifest.json``, then ``_COMPLETE.json`` (with the manifest's sha256): call it
+    after every other file of the dataset is written."""
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+    store.write_bytes(join_url(data_url, MANIFEST_FILE), manifest_bytes)
+    store.mark_complete(
+        data_url,
+        {
+            "manifest": MANIFEST_FILE,
+            "manifest_sha256": sha256_hex(manifest_bytes),
+            "count": manifest["count"],
+            "num_shards": len(manifest["shards"]),
+        },
+    )
+
+
+# ---- readers ------------------------------------------------------------------------------
+
+
+def read_manifest(store: Store, data_url: str) -> dict:
+    """The manifest of a complete prepared dataset (checked against ``_COMPLETE.json``)."""
+    record = store.completed(data_url)
+    if record is None:
+        raise IncompleteOutputError(
+            f"no complete prepared dataset at {data_url}: _COMPLETE.json is missing (preparation "
+            "did not finish or never ran); run the prepare stage for it"
+        )
+    manifest_url = join_url(data_url, MANIFEST_FILE)
+    data = store.read_bytes(manifest_url)
+    expected = record["outputs"].get("manifest_sha256")
+    if expected is not None and sha256_hex(data) != expected:
+        raise CAFMInputError(f"checksum mismatch for {manifest_url}: sha256 differs from _COMPLETE.json (modified?)")
+    manifest = json.loads(data.decode("utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CAFMInputError(f"{manifest_url} is not a {MANIFEST_FORMAT} manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CAFMInputError(f"{manifest_url} has version {manifest.get('version')!r}; expected {MANIFEST_VERSION}")
+    return manifest
+
+
+def shard_urls(store: Store, data_url: str) -> list[str]:
+    """Full URLs of the Parquet shards of a complete prepared dataset, in order (e.g. for Ray Data)."""
+    manifest = read_manifest(store, data_url)
+    return [join_url(data_url, shard["path"]) for shard in manifest["shards"]]
+
+
+def load_prepared(store: Store, data_url: str) -> tuple[Dataset, dict]:
+    """Rebuild the Dataset of a complete prepared output after verifying every shard's sha256."""
+    manifest = read_manifest(store, data_url)
+    sample_shape = tuple(manifest["sample_shape"])
+    xs, label_parts, indices = [], [], []
+    for shard in manifest["shards"]:
+        url = join_url(data_url, shard["path"])
+        data = store.read_bytes(url)
+        if sha256_hex(data) != shard["sha256"]:
+            raise CAFMInputError(f"checksum mismatch for shard {url}: sha256 differs from the manifest (corrupted)")
+        x, labels, index = shard_from_bytes(data, url, sample_shape)
+        if len(index) != shard["rows"]:
+            raise CAFMInputError(f"shard {url} has {len(index)} rows; the manifest says {shard['rows']}")
+        xs.append(x)
+        label_parts.append(labels)
+        indices.append(index)
+    index = np.concatenate(indices)
+    if len(index) != manifest["count"] or not np.array_equal(index, np.arange(len(index))):
+        raise CAFMInputError(f"shards of {data_url} do not hold samples 0..{manifest['count'] - 1} in order")
+    unlabelled = [labels is None for labels in label_parts]
+    if any(unlabelled) and not all(unlabelled):
+        raise CAFMInputError(f"shards of {data_url} mix labelled and unlabelled rows")
+    import torch
+
+    labels = None if all(unlabelled) else torch.from_numpy(np.concatenate(label_parts))
+    dataset = Dataset(
+        data=torch.from_numpy(np.concatenate(xs)),
+        labels=labels,
+        num_classes=manifest["num_classes"],
+        kind=manifest["kind"],
+        class_names=list(manifest["class_names"]),
+        name=manifest["name"],
+    )
+    return dataset, manifest
+
+
+def _require_feature_net(manifest: dict, data_url: str) -> None:
+    if manifest.get("feature_net") is None:
+        reason = manifest.get("feature_net_skipped") or "none was trained"
+        raise CAFMInputError(f"prepared dataset {data_url} has no feature network ({reason})")
+
+
+def load_feature_net(store: Store, data_url: str):
+    """The in-domain feature network (``DigitFeatureNet``, eval mode) of a prepared image dataset."""
+    from cafm_core.checkpoint import load_state_dict_checked
+
+    manifest = read_manifest(store, data_url)
+    _require_feature_net(manifest, data_url)
+    tensors, config, _ = store.read_checkpoint(join_url(data_url, manifest["feature_net"]["path"]))
+    model = DigitFeatureNet.from_config(config)
+    load_state_dict_checked(model, tensors)
+    return model.eval()
+
+
+def load_for_evaluation(store: Store, data_url: str) -> tuple[Dataset, dict, DigitFeatureNet | None]:
+    """The prepared dataset, its manifest and the in-domain feature network (None for
+    low-dimensional or unlabelled data, which are evaluated without one)."""
+    dataset, manifest = load_prepared(store, data_url)
+    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    return dataset, manifest, feature_net
+
+
+def load_reference_stats(store: Store, data_url: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` (float64) of the real data's features in the feature network's space."""
+    from safetensors.numpy import load as st_load
+
+    manifest = read_manifest(store, data_url)
+    _require_feature_net(manifest, data_url)
+    entry = manifest["reference_stats"]
+    url = join_url(data_url, entry["path"])
+    data = store.read_bytes(url)
+    if sha256_hex(data) != entry["sha256"]:
+        raise CAFMInputError(f"checksum mismatch for {url}: sha256 differs from the manifest (corrupted)")
+    tensors = st_load(data)
+    return tensors["mu"], tensors["sigma"]

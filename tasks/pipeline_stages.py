@@ -1,0 +1,235 @@
+"""The pipeline's stages as Prefect tasks: prepare -> FM pretrain -> CAFM post-train ->
+sample -> evaluate.
+
+Each task is a thin adapter: it takes its inputs explicitly (the upstream stages' outputs,
+plain settings), skips itself when its :class:`~tasks.stage_ledger.StageFolder` is
+complete, otherwise reads from storage, calls the stage code, writes its outputs under its
+folder, logs to MLflow and returns its outputs. The flows pass each task's outputs to the
+next, so the Prefect run graph shows the DAG.
+
+``compute`` is a dict of the training driver's resource arguments (``num_workers``,
+``cpus_per_worker``, ``use_gpu``, ``mixed_precision``, ``checkpoint_every``,
+``divergence``).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+from prefect import task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from cafm_core.evaluation import SamplerSetting, labels_in_proportion
+from cafm_core.models import MLPConfig, dit_config
+from cafm_core.plots import training_curves
+from tasks.dataset_format import shard_urls
+from tasks.prepare import prepare_dataset
+from tasks.ray_cluster import start_cluster, worker_cpus
+from tasks.run_tracking import RunTracking, stage_logger
+from tasks.sample_scoring import score_samples, headline
+from tasks.sampling import generate_sample_shards
+from tasks.stage_ledger import StageFolder
+from tasks.storage import artifact_url
+from tasks.train.driver import run_cafm, run_flow_matching
+
+__all__ = ["evaluate_task", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task", "sample_task",
+           "start_compute"]
+
+POINTS_SAMPLE_COUNT = 10_000  # samples per setting for low-dimensional sets when none is given
+
+
+def start_compute(compute: dict) -> None:
+    """Ray for the stage's workers (a local cluster, or ``RAY_ADDRESS``)."""
+    start_cluster(compute["num_workers"], worker_cpus(compute["num_workers"], compute["cpus_per_worker"]),
+                  compute["use_gpu"])
+
+
+def model_config_for(model: dict, manifest: dict) -> dict:
+    """The generator's config for a prepared dataset: a DiT for images, an MLP for points.
+    ``model`` holds the pipeline's model settings (preset, patch size, ...)."""
+    shape = manifest["sample_shape"]
+    if manifest["kind"] == "image":
+        return dit_config(model["preset"], image_size=shape[-1], in_channels=shape[0], patch_size=model["patch_size"],
+                          num_classes=manifest["num_classes"], prediction=model["prediction"],
+                          time_scale=model["time_scale"]).to_dict()
+    return MLPConfig(data_dim=shape[0], hidden_size=model["mlp_hidden"], depth=model["mlp_depth"], num_classes=0,
+                     prediction=model["prediction"]).to_dict()
+
+
+def _skipped(folder: StageFolder) -> dict | None:
+    done = folder.completed()
+    if done is not None:
+        stage_logger().info("%s stage complete at %s: skipped", folder.stage, folder.url)
+    return done
+
+
+@task(name="prepare-dataset", cache_policy=NONE)
+def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracking) -> dict:
+    """Read, check and write the dataset (``data``: the pipeline's data settings)."""
+    if (done := _skipped(folder)) is not None:
+        return done
+    tracker = tracking.tracker
+    with tracking.stage_run("prepare", data):
+        manifest = prepare_dataset(
+            data["source"], folder.store, folder.join("out"), resolution=data["resolution"],
+            channels=data["channels"], max_bad_fraction=data["max_bad_fraction"],
+            feature_steps=data["feature_steps"], seed=seed, num_samples=data["num_samples"],
+        )
+        tracker.log_metrics({"count": manifest["count"], "num_classes": manifest["num_classes"]})
+        tracker.log_dict(manifest, "manifest.json")
+    tracking.note_unlogged()
+    return folder.complete({"data_url": folder.join("out"), "manifest": manifest})
+
+
+def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking, logged: dict, run) -> dict:
+    """What both training stages share: Ray, the MLflow run, the model on storage.
+
+    ``run(scratch, **inputs)`` calls the stage's driver with the shard inputs; Ray Train
+    keeps its run directory (checkpoints) in ``<run>/ray/<run_name>-<stage>``."""
+    tracker = tracking.tracker
+    manifest = data["manifest"]
+    start_compute(compute)
+    with tracking.stage_run(folder.stage, logged), tempfile.TemporaryDirectory() as scratch:
+        result = run(
+            Path(scratch),
+            shard_urls=shard_urls(folder.store, data["data_url"]), sample_shape=tuple(manifest["sample_shape"]),
+            num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
+            storage_path=folder.store.join(folder.run_url, "ray"), run_name=f"{folder.run_name}-{folder.stage}",
+            output_dir=str(Path(scratch) / "out"), **compute,
+        )
+        # this stage run (a new MLflow run on every attempt) gets every row: those of an
+        # interrupted earlier attempt, never logged, and this attempt's
+        tracker.log_history(result["earlier_history"] + result["history"])
+        tracker.log_metrics({"seconds": result["seconds"], "steps": result["steps"], "rollbacks": len(result["rollbacks"])})
+        if result["rollbacks"]:
+            tracker.log_dict({"rollbacks": result["rollbacks"]}, "rollbacks.json")
+        model_url = folder.join("model")
+        folder.store.upload_dir(result["model_dir"], model_url, marker_last="checkpoint.json")
+    tracking.note_unlogged()
+    return folder.complete({"model_url": model_url, "final_metrics": result["final_metrics"], "steps": result["steps"],
+                            "seconds": result["seconds"], "rollbacks": result["rollbacks"],
+                            "resumed_from_step": result["resumed_from_step"]})
+
+
+@task(name="fm-pretrain", cache_policy=NONE)
+def pretrain_task(folder: StageFolder, data: dict, model: dict, fm_config: dict, compute: dict,
+                  tracking: RunTracking) -> dict:
+    """FM pretraining on the prepared data (``data``: the prepare stage's outputs)."""
+    if (done := _skipped(folder)) is not None:
+        return done
+    model_config = model_config_for(model, data["manifest"])
+
+    def run(scratch: Path, **inputs) -> dict:
+        return run_flow_matching(model_config=model_config, fm_config=fm_config, **inputs)
+
+    return _train(folder, data, compute, tracking, fm_config, run)
+
+
+@task(name="cafm-posttrain", cache_policy=NONE)
+def posttrain_task(folder: StageFolder, data: dict, fm: dict | None, cafm_config: dict, compute: dict,
+                   tracking: RunTracking, *, init_checkpoint: str | None = None, curve: dict | None = None) -> dict:
+    """CAFM post-training from the FM stage's generator (``fm``: its outputs), or from
+    ``init_checkpoint`` (a checkpoint URL) when given. ``curve`` (``method``, ``nfe``,
+    ``num_samples``, ``seed``) adds the diagnostic curve to every report."""
+    if (done := _skipped(folder)) is not None:
+        return done
+    init_url = init_checkpoint or (fm or {}).get("model_url")
+    if init_url is None:
+        raise ValueError("CAFM post-training needs the FM stage's outputs or an init_checkpoint URL")
+    curve_spec = {**curve, "store_root": folder.store_root, "data_url": data["data_url"]} if curve else None
+
+    def run(scratch: Path, **inputs) -> dict:
+        init_dir = scratch / "init"
+        folder.store.download_dir(init_url, str(init_dir))
+        result = run_cafm(init_checkpoint=str(init_dir), cafm_config=cafm_config, curve=curve_spec, **inputs)
+        if curve_spec is not None:
+            _log_curves(folder, tracking, result["history"])
+        return result
+
+    logged = {**cafm_config, "init_checkpoint": init_url, "curve_samples": curve["num_samples"] if curve else 0}
+    return _train(folder, data, compute, tracking, logged, run)
+
+
+def _log_curves(folder: StageFolder, tracking: RunTracking, history: list[dict]) -> None:
+    """The CAFM stage's diagnostic curves as a picture: MLflow artifact and ``cafm/curves.png``."""
+    metric = "fd" if any("fd_model" in row for row in history) else "sliced_wasserstein"
+    start = next((row for row in history if row["step"] == 0 and f"{metric}_model" in row), None)
+    picture = io.BytesIO()
+    training_curves({"CAFM": history}, metric, picture, reference=start[f"{metric}_model"] if start else None)
+    folder.store.write_bytes(folder.join("curves.png"), picture.getvalue())
+    tracking.tracker.log_image(Image.open(io.BytesIO(picture.getvalue())), "curves.png")
+
+
+@task(name="sample", cache_policy=NONE)
+def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], settings: list[SamplerSetting],
+                seeds: list[int], compute: dict, *, num_samples: int | None = None, shard_size: int = 1024) -> dict:
+    """Samples of every generator (``generators``: name -> its training stage's outputs) at
+    every sampler setting and seed, as shards on storage; image labels in the data's class
+    proportions. ``num_samples`` per setting defaults to the dataset's size (images) or
+    ``POINTS_SAMPLE_COUNT`` (points)."""
+    if (done := _skipped(folder)) is not None:
+        return done
+    manifest = data["manifest"]
+    image = manifest["kind"] == "image"
+    count = num_samples or (manifest["count"] if image else POINTS_SAMPLE_COUNT)
+    labels = None
+    if image and manifest["num_classes"] > 0 and manifest.get("class_counts"):
+        labels = labels_in_proportion(manifest["class_counts"], count)
+    start_compute(compute)
+    start = time.perf_counter()
+    layout = generate_sample_shards(folder.store, models={name: outputs["model_url"] for name, outputs in generators.items()},
+                                    out_url=folder.join("out"), settings=settings, num_samples=count, labels=labels,
+                                    seeds=seeds, shard_size=shard_size, use_gpu=compute["use_gpu"])
+    seconds = time.perf_counter() - start
+    total = count * len(layout)
+    stage_logger().info("generated %d samples in %.0fs (%.0f samples/s)", total, seconds, total / seconds)
+    return folder.complete({"layout": layout, "count": count, "seconds": seconds})
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_task(folder: StageFolder, data: dict, samples: dict, settings: list[SamplerSetting], seeds: list[int],
+                  tracking: RunTracking, *, logged: dict, inception_weights: str | None = None,
+                  registration: dict | None = None) -> dict:
+    """Metrics of every generator's samples against the prepared data, the report, the
+    picture (storage, MLflow, Prefect artifacts). ``registration`` (``model_name``,
+    ``cafm``: the CAFM stage's outputs, ``tags``) registers the CAFM generator in MLflow."""
+    if (done := _skipped(folder)) is not None:
+        return done
+    tracker = tracking.tracker
+    with tracking.stage_run("evaluate", logged):
+        result = score_samples(folder.store, data_url=data["data_url"], sample_layout=samples["layout"],
+                                settings=settings, seeds=seeds, out_url=folder.join("out"),
+                                inception_weights=inception_weights)
+        for row in result["summary"]:
+            tracker.log_summary_row(row, prefix=f"{row['model'].lower()}.")
+        tracker.log_text(result["report"], "report.md")
+        tracker.log_dict({k: v for k, v in result.items() if k not in ("picture_png", "report")}, "metrics.json")
+        tracker.log_image(Image.open(io.BytesIO(result["picture_png"])), "samples.png")
+        registered = _register(folder, tracking, result["summary"], registration) if registration else None
+    tracking.note_unlogged()
+    create_markdown_artifact(key="fm-vs-cafm", markdown=result["report"], description="FM vs CAFM at identical sampler settings")
+    create_image_artifact(image_url=artifact_url(folder.join("out", "samples.png")), key="samples",
+                          description="FM and CAFM samples beside real data")
+    return folder.complete({"table": result["table"], "summary": result["summary"],
+                            "report_url": folder.join("out", "report.md"), "registered": registered})
+
+
+def _register(folder: StageFolder, tracking: RunTracking, summary: list[dict], registration: dict) -> dict:
+    """Register the CAFM generator; move ``champion`` to it when its headline metric is lower."""
+    tracker = tracking.tracker
+    name, model_url = registration["model_name"], registration["cafm"]["model_url"]
+    metric = "fd" if "fd" in summary[0] else "sliced_wasserstein"
+    value = headline(summary, metric)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder.store.download_dir(model_url, scratch)
+        version = tracker.register_generator(scratch, name, tags=registration["tags"])
+    promoted = tracker.promote_if_better(name, version, metric, value) if version else False
+    registered = {"name": name, "version": version, "metric": metric, "value": value, "champion": promoted}
+    if version is None:
+        registered["not_registered"] = f"MLflow unavailable ({tracker.last_error}); the model is at {model_url}"
+    return registered
