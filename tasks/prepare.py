@@ -21,6 +21,7 @@ from cafm_core.checks import CAFMInputError
 from cafm_core.data import BUILTIN_DATASETS, SYNTHETIC_DATASETS, Dataset, load_builtin, read_image_folder
 from tasks import dataset_format
 from tasks.storage import Store, StorageError, is_s3_url, join_url, s3_storage_options
+from tasks.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,6 @@ DIGITS_SHAPE = (1, 8, 8)
 
 
 # ---- validation ---------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise CAFMInputError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _is_folder_like(source: str) -> bool:
@@ -50,7 +45,7 @@ def _resolve_source(source: object, resolution: object, channels: object) -> str
             f"source must be a built-in dataset name {list(BUILTIN_DATASETS)} or an image-folder path/URL, got {source!r}"
         )
     if resolution is not None:
-        _check_int("resolution", resolution, minimum=8)
+        check_int("resolution", resolution, 8)
         if resolution > MAX_RESOLUTION:
             raise CAFMInputError(f"resolution must be <= {MAX_RESOLUTION}, got {resolution}")
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
@@ -215,10 +210,10 @@ def prepare_dataset(
     _check_out_url(store, out_url)
     if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) or not 0.0 <= max_bad_fraction < 1.0:
         raise CAFMInputError(f"max_bad_fraction must be a number in [0, 1), got {max_bad_fraction!r}")
-    _check_int("shard_size", shard_size, minimum=1)
-    _check_int("feature_steps", feature_steps, minimum=1)
-    _check_int("seed", seed, minimum=0)
-    _check_int("num_samples", num_samples, minimum=2)
+    check_int("shard_size", shard_size, 1)
+    check_int("feature_steps", feature_steps, 1)
+    check_int("seed", seed, 0)
+    check_int("num_samples", num_samples, 2)
     if not isinstance(overwrite, bool):
         raise CAFMInputError(f"overwrite must be a bool, got {overwrite!r}")
     kind = _resolve_source(source, resolution, channels)

@@ -98,7 +98,7 @@ class LayerNorm(nn.Module):
 
     Why not ``nn.LayerNorm``: in PyTorch 2.13 the fused kernel's forward-mode derivative
     gives wrong parameter gradients when it is backpropagated (D step, forward logit
-    mode); measured in ``tests/unit/test_logits.py``. Composed ops are exact in both modes.
+    mode); measured in ``tests/unit/core/test_logits.py``. Composed ops are exact in both modes.
     """
 
     def __init__(self, hidden_size: int, *, affine: bool = False, eps: float = 1e-6) -> None:

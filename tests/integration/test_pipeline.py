@@ -56,6 +56,19 @@ def smoke_run(module_bucket, tmp_path_factory, prefect_harness, local_ray):
     return params, pipeline(params), tracking_uri
 
 
+def _task_graph(flow_run_id: str) -> dict[str, set[str]]:
+    """Each task run of a flow run (by task name) -> the task names its inputs came from, as
+    the Prefect API (and so the UI's run graph) records them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = {run.id: run.name.rsplit("-", 1)[0] for run in runs}  # "fm-pretrain-2a1" -> "fm-pretrain"
+    return {names[run.id]: {names[i.id] for inputs in run.task_inputs.values() for i in inputs if hasattr(i, "id")
+                            and i.id in names} for run in runs}
+
+
 def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(module_bucket, smoke_run):
     from flows.pipeline import pipeline
 
@@ -69,6 +82,13 @@ def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(module_bucket, smo
         assert expected in keys, expected
     assert any(k.startswith("runs/it/data/out/shards/") and k.endswith(".parquet") for k in keys)
     assert "| FM |" in result["table"] and "| CAFM |" in result["table"]
+
+    # the run graph shows the DAG: each stage's task takes its inputs from the upstream tasks
+    graph = _task_graph(result["prefect_flow_run_id"])
+    assert graph == {"prepare-dataset": set(), "fm-pretrain": {"prepare-dataset"},
+                     "cafm-posttrain": {"prepare-dataset", "fm-pretrain"},
+                     "sample": {"prepare-dataset", "fm-pretrain", "cafm-posttrain"},
+                     "evaluate": {"prepare-dataset", "sample", "cafm-posttrain"}}, graph
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(params.experiment)

@@ -76,3 +76,27 @@ def test_unreachable_mlflow_server_fails_early(tmp_path):
     params = smoke_params(storage_root=str(tmp_path / "runs"), tracking_uri="http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="MLflow tracking server http://127.0.0.1:9 is unreachable"):
         preflight(params)
+
+
+def test_training_defaults_are_the_cores_except_the_stated_main_job_differences():
+    """One owner per default: every training field the pipeline exposes defaults to
+    cafm_core's value, unless MAIN_JOB_DIFFERENCES names it (and then to that value)."""
+    from dataclasses import asdict
+
+    from cafm_core.path import TimeSampler
+    from cafm_core.training import CAFMConfig, FlowMatchingConfig
+    from flows.params import MAIN_JOB_DIFFERENCES, CAFMParams, FMParams
+
+    for stage, params, core in (("fm", FMParams(), FlowMatchingConfig()), ("cafm", CAFMParams(), CAFMConfig())):
+        differences = MAIN_JOB_DIFFERENCES[stage]
+        pipeline = params.core_config(seed=0)
+        expected = asdict(core)
+        for name, value in differences.items():
+            if name == "time_sampler":
+                value = asdict(TimeSampler(**value))
+            assert pipeline[name] == value and expected[name] != value, (stage, name)
+        same = {k: v for k, v in pipeline.items() if k not in differences}
+        assert same == {k: expected[k] for k in same}, stage
+        assert set(pipeline) <= set(expected)
+    # the time sampler exposes every field of the core's
+    assert set(FMParams().time_sampler.model_dump()) == set(asdict(TimeSampler()))
