@@ -31,7 +31,7 @@ from tasks.dataset_format import shard_urls
 from tasks.prepare import prepare_dataset
 from tasks.ray_cluster import start_cluster, worker_cpus
 from tasks.run_tracking import RunTracking, stage_logger
-from tasks.sample_scoring import score_samples, headline
+from tasks.sample_scoring import headline, score_samples
 from tasks.sampling import generate_sample_shards
 from tasks.stage_ledger import StageFolder
 from tasks.storage import artifact_url
