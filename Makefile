@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run smoke demo test unit bench clean browser stack-up stack-down stack-status deploy e2e
+.PHONY: setup run smoke demo test unit bench clean browser stack-up stack-down stack-status deploy e2e ui
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ run: setup          ## the main job: the full pipeline on digits with embedded d
 
 smoke: setup        ## the same pipeline stages with few steps
 	$(VENV)/bin/cafm-pipeline run --profile smoke $(ARGS)
+
+ui: setup           ## the MLflow UI on the default tracking store (MLFLOW_TRACKING_URI, else outputs/mlflow.db), 127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" --host 127.0.0.1 $(ARGS)
 
 demo: setup         ## the core demo: cafm_core alone, no services
 	$(VENV)/bin/cafm-demo $(ARGS)

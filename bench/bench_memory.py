@@ -60,41 +60,45 @@ def _setup(work: Path) -> None:
     store.write_checkpoint(store.url("generator"), *model_to_tensors(generator))
 
 
-def _layout(work: Path, count: int) -> dict[str, list[str]]:
-    from tasks.sampling import setting_key
+def _protocol(work: Path, count: int):
     from cafm_core.evaluation import SamplerSetting
+    from tasks.dataset_format import evaluation_protocol
+    from tasks.storage import Store
 
-    key = f"fm/{setting_key(SamplerSetting(*SETTING))}/seed0"
-    base = work / "store" / f"samples-{count}" / key
-    return {key: [str(base / f"part-{i:05d}.safetensors") for i in range((count + SHARD_SIZE - 1) // SHARD_SIZE)]}
+    store = Store(str(work / "store"))
+    return evaluation_protocol(store, store.url("data"), settings=[SamplerSetting(*SETTING)], seeds=[0],
+                               num_samples=count, shard_size=SHARD_SIZE)
 
 
 def _sample(work: Path, count: int) -> dict:
-    from cafm_core.evaluation import SamplerSetting, labels_in_proportion
-    from tasks.sampling import ShardSpec, generate_shard, shard_seed, setting_key
+    from tasks.sampling import ShardSpec, generate_shard, sample_set_key
     from tasks.storage import Store
 
     store = Store(str(work / "store"))
-    setting = SamplerSetting(*SETTING)
-    labels = labels_in_proportion([64, 64], count)
-    (urls,) = _layout(work, count).values()
-    for index, url in enumerate(urls):
-        start = index * SHARD_SIZE
-        size = min(SHARD_SIZE, count - start)
-        spec = ShardSpec(checkpoint_url=store.url("generator"), out_url=url, setting=setting, start=start,
-                         count=size, seed=shard_seed(0, setting_key(setting), start))
-        generate_shard(store.root, spec, labels[start : start + size], "cpu")
-    return {"shards": len(urls)}
+    protocol = _protocol(work, count)
+    (setting,) = protocol.settings
+    key = sample_set_key("fm", setting, 0)
+    draws = protocol.draws(setting, 0)
+    for index, draw in enumerate(draws):
+        spec = ShardSpec(checkpoint_url=store.url("generator"),
+                         out_url=store.url(f"samples-{count}", key, f"part-{index:05d}.safetensors"),
+                         protocol=protocol.to_dict(), setting=setting, draw=draw)
+        generate_shard(store.root, spec, "cpu")
+    return {"shards": len(draws)}
 
 
 def _evaluate(work: Path, count: int) -> dict:
-    from cafm_core.evaluation import SamplerSetting
     from tasks.sample_scoring import score_samples
+    from tasks.sampling import sample_set_key
     from tasks.storage import Store
 
     store = Store(str(work / "store"))
-    result = score_samples(store, data_url=store.url("data"), sample_layout=_layout(work, count),
-                            settings=[SamplerSetting(*SETTING)], seeds=[0], out_url=store.url(f"eval-{count}"))
+    protocol = _protocol(work, count)
+    (setting,) = protocol.settings
+    key = sample_set_key("fm", setting, 0)
+    layout = {key: [store.url(f"samples-{count}", key, f"part-{i:05d}.safetensors")
+                    for i in range(len(protocol.draws(setting, 0)))]}
+    result = score_samples(store, protocol=protocol, sample_layout=layout, out_url=store.url(f"eval-{count}"))
     return {"fd": result["rows"][0]["fd"], "class_accuracy": result["rows"][0].get("class_accuracy")}
 
 

@@ -29,7 +29,6 @@ from cafm_core.evaluation import (
     IMAGE_METRICS,
     POINT_METRICS,
     SamplerSetting,
-    evaluate_generator,
     format_table,
     FLOOR_SPLITS,
     noise_floor,
@@ -40,6 +39,7 @@ from cafm_core.features import train_feature_network
 from cafm_core.logits import LOGIT_MODES
 from cafm_core.models import DIT_PRESETS, MLPConfig, build_generator, discriminator_from_generator, dit_config
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
+from cafm_core.protocol import evaluate_under, protocol_for_dataset
 from cafm_core.training import CAFMConfig, FlowMatchingConfig, infinite_batches, train_cafm, train_flow_matching
 
 
@@ -172,10 +172,8 @@ def run_demo(
 
     print("evaluation at identical sampler settings (guidance-free)", flush=True)
     eval_samples = chosen.eval_samples or (None if image else 10000)
-    rows = []
-    for name, model in (("FM", fm_model), ("CAFM", generator)):
-        for row in evaluate_generator(model, dataset, settings, feature_net=feature_net, num_samples=eval_samples, seeds=eval_seeds, device=device):
-            rows.append({"model": name, **row})
+    protocol = protocol_for_dataset(dataset, settings, eval_seeds, num_samples=eval_samples, feature_net=feature_net)
+    rows = evaluate_under(protocol, {"FM": fm_model, "CAFM": generator}, dataset, feature_net=feature_net, device=device)
     floor = noise_floor(dataset, feature_net=feature_net, seed=feature_seed, splits=FLOOR_SPLITS)
     keys = IMAGE_METRICS if image else POINT_METRICS
     table = format_table(summarise_over_seeds(rows, keys), floor, keys)
@@ -205,6 +203,7 @@ def run_demo(
         "device": str(device),
         "dtype": dtype,
         "eval_seeds": list(eval_seeds),
+        "protocol_id": protocol.id,
         "feature_seed": feature_seed,
         "feature_val_accuracy": feature_report["val_accuracy"] if feature_net is not None else None,
         "fm": {"config": fm_config.to_dict(), "seconds": fm_result.seconds, "final": fm_result.history[-1]},

@@ -52,6 +52,11 @@ class SamplerSetting:
             raise CAFMInputError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
 
     @property
+    def key(self) -> str:
+        """``heun-nfe8-cfg1``: a name for folders, seeds and metric prefixes."""
+        return f"{self.method}-nfe{self.nfe}-cfg{self.cfg_scale:g}"
+
+    @property
     def label(self) -> str:
         cfg = "no CFG" if self.cfg_scale == 1.0 else f"CFG {self.cfg_scale:g}"
         return f"{self.method} NFE {self.nfe}, {cfg}"
@@ -148,31 +153,6 @@ def sample_for_evaluation(
         device=device,
     )
     return samples, labels
-
-
-def evaluate_generator(
-    model: nn.Module,
-    dataset: Dataset,
-    settings: Sequence[SamplerSetting],
-    *,
-    feature_net: nn.Module | None = None,
-    num_samples: int | None = None,
-    seeds: Sequence[int] = (0,),
-    device: str | torch.device = "cpu",
-) -> list[dict]:
-    """One row per (setting, seed): the setting, the seed and the metrics."""
-    features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
-    real_features = features(dataset.data) if features is not None and dataset.kind == "image" else None
-    rows = []
-    for setting in settings:
-        for seed in seeds:
-            samples, labels = sample_for_evaluation(model, dataset, setting, num_samples=num_samples, seed=seed, device=device)
-            metrics = evaluate_samples(
-                samples, dataset, features=features, classifier=feature_net, labels=labels,
-                real_features=real_features, seed=seed,
-            )
-            rows.append({**setting.to_dict(), "seed": seed, **metrics})
-    return rows
 
 
 FLOOR_SPLITS = 10

@@ -176,6 +176,11 @@ class SamplingParams(_Params):
         """Every (guidance scale, NFE) pair, in the order the reports list them."""
         return [SamplerSetting(self.method, nfe, cfg) for cfg in self.cfg_scales for nfe in self.nfes]
 
+    def evaluation(self, seeds: list[int]) -> dict:
+        """The sampling of an evaluation protocol (``tasks.dataset_format.evaluation_protocol``)."""
+        return {"settings": self.sampler_settings(), "seeds": list(seeds), "num_samples": self.num_samples,
+                "shard_size": self.shard_size}
+
     @model_validator(mode="after")
     def _heun_even(self) -> SamplingParams:
         odd = [n for n in self.nfes if n % 2]
@@ -205,15 +210,43 @@ class ComputeParams(_Params):
                 "divergence": self.divergence()}
 
 
+_EVALUATION_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy", "sliced_wasserstein",
+                       "on_manifold_fraction", "off_manifold_fraction", "modes_hit")
+
+
+class PromotionParams(_Params):
+    """The one promotion rule (``tasks.promotion``): champion vs candidate under one protocol."""
+
+    primary_metric: Literal[_EVALUATION_METRICS] | None = Field(
+        None, description="promotion needs a strictly better value of this; default: fd for images, "
+                          "sliced_wasserstein for low-dimensional data")
+    watched_metrics: list[Literal[_EVALUATION_METRICS]] | None = Field(
+        None, min_length=1, description="metrics checked for regression of the candidate against the champion; "
+                                        "default: fd and class_accuracy for images, sliced_wasserstein for points")
+    max_regression: float = Field(0.10, ge=0, le=10,
+                                  description="relative worsening of a watched metric that blocks the promotion "
+                                              "(and fails the scheduled evaluation; 0.1 = 10%)")
+
+    def rule(self):
+        """The ``tasks.promotion.PromotionRule`` these parameters give."""
+        from tasks.promotion import PromotionRule
+
+        watched = tuple(self.watched_metrics) if self.watched_metrics else None
+        return PromotionRule(self.primary_metric, watched, self.max_regression)
+
+
 class PipelineParams(_Params):
     """Everything a pipeline run needs. Storage credentials are NOT parameters: they come
     from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."""
 
     run_name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     storage_root: str = Field("outputs/runs", description="local folder or s3://bucket/prefix")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local SQLite store")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else "
+                                                       "outputs/mlflow.db")
     experiment: str = "cafm-pipeline"
-    registered_model: str = "cafm-generator"
+    registered_model: str = Field("cafm-generator", min_length=1,
+                                  description="MLflow registered model of the CAFM generators (one lineage: one dataset)")
+    promotion: PromotionParams = PromotionParams()
     seed: int = 0
     eval_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="sampling seeds of the evaluation: mean ± std over them")
     inception_weights: str | None = Field(None, description="local TorchScript Inception-v3 file for standard FID (none can be downloaded)")
@@ -251,10 +284,6 @@ def smoke_params(**overrides) -> PipelineParams:
 PROFILES = {"default": PipelineParams, "smoke": smoke_params}
 
 
-_EVALUATION_METRICS = ("fd", "kid", "precision", "recall", "class_accuracy", "sliced_wasserstein",
-                       "on_manifold_fraction", "off_manifold_fraction", "modes_hit")
-
-
 class ModelEvaluationParams(_Params):
     """The scheduled evaluation of the registered ``champion`` and ``candidate`` generators on
     a held evaluation set. Credentials are not parameters (environment, as for the pipeline)."""
@@ -263,16 +292,16 @@ class ModelEvaluationParams(_Params):
     data_url: str = Field("outputs/runs/digits/data/out", min_length=1,
                           description="the held evaluation set: a prepared dataset (a pipeline run's data/out folder, "
                                       "local or s3://); keep it fixed so the trend compares like with like")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local SQLite store")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else "
+                                                       "outputs/mlflow.db (the same store as the pipeline's)")
     experiment: str = Field("cafm-model-evaluation", min_length=1)
     sampling: SamplingParams = SamplingParams(nfes=[8, 32])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="sampling seeds: mean over them")
-    primary_metric: Literal[_EVALUATION_METRICS] = Field("fd", description="promotion needs a strictly better value of this")
-    watched_metrics: list[Literal[_EVALUATION_METRICS]] = Field(
-        default_factory=lambda: ["fd", "class_accuracy"], min_length=1,
-        description="metrics checked for regression of the candidate against the champion")
-    max_regression: float = Field(0.10, ge=0, le=10,
-                                  description="relative worsening of a watched metric that fails the run (0.1 = 10%)")
+    promotion: PromotionParams = PromotionParams()
+
+    def evaluation(self) -> dict:
+        """The evaluation protocol's sampling (``tasks.dataset_format.evaluation_protocol``)."""
+        return self.sampling.evaluation(self.seeds)
 
 
 _SWEEP_EXCLUDED = {"enabled", "init_checkpoint", "curve_samples"}

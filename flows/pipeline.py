@@ -19,7 +19,7 @@ from tasks.pipeline_stages import evaluate_task, posttrain_task, prepare_task, p
 from tasks.run_tracking import RunTracking
 from tasks.secrets import load_secret_blocks
 from tasks.storage import check_reachable
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, ui_command
 
 __all__ = ["evaluate_flow", "evaluate_stage", "pipeline", "posttrain_flow", "posttrain_stage", "preflight", "prepare_flow",
            "prepare_stage", "pretrain_flow", "pretrain_stage", "sample_flow", "sample_stage"]
@@ -62,19 +62,18 @@ def posttrain_stage(params: PipelineParams, layout: RunLayout, tracking: RunTrac
 
 def sample_stage(params: PipelineParams, layout: RunLayout, data: dict, fm: dict, cafm: dict | None) -> dict:
     generators = {"fm": fm} if cafm is None else {"fm": fm, "cafm": cafm}
-    return sample_task(layout.folder("samples"), data, generators, params.sampling.sampler_settings(),
-                       params.eval_seeds, params.compute.settings(), num_samples=params.sampling.num_samples,
-                       shard_size=params.sampling.shard_size)
+    return sample_task(layout.folder("samples"), data, generators, params.sampling.evaluation(params.eval_seeds),
+                       params.compute.settings())
 
 
 def evaluate_stage(params: PipelineParams, layout: RunLayout, tracking: RunTracking, data: dict, samples: dict,
-              cafm: dict | None) -> dict:
+                   cafm: dict | None) -> dict:
     registration = None
     if cafm is not None:
-        registration = {"model_name": params.registered_model, "cafm": cafm,
+        registration = {"model_name": params.registered_model, "cafm": cafm, "rule": params.promotion.rule(),
                         "tags": {"run_name": params.run_name, "data": params.data.source}}
-    return evaluate_task(layout.folder("eval"), data, samples, params.sampling.sampler_settings(), params.eval_seeds,
-                         tracking, logged=params.sampling.model_dump(), inception_weights=params.inception_weights,
+    return evaluate_task(layout.folder("eval"), data, samples, params.sampling.evaluation(params.eval_seeds), tracking,
+                         logged=params.sampling.model_dump(), inception_weights=params.inception_weights,
                          registration=registration)
 
 
@@ -98,11 +97,15 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     result = {"run_url": layout.base, "data": data["data_url"], "fm": fm["model_url"],
               "cafm": cafm["model_url"] if cafm else None, "samples": samples["count"],
               "report": evaluation["report_url"], "table": evaluation["table"],
-              "registered": evaluation["registered"], "mlflow_run_id": parent_id,
+              "registered": evaluation["registered"], "protocol_id": evaluation.get("protocol_id"), "mlflow_run_id": parent_id,
               "prefect_flow_run_id": flow_run.get_id(),
               "tracking_uri": tracker.tracking_uri, "tracking_unlogged": layout.tracking.note_unlogged()}
     print(f"\n{evaluation['table']}\n")
-    print(f"results under {layout.base} (report: {evaluation['report_url']}); MLflow: {tracker.tracking_uri}, run {parent_id}")
+    if evaluation["registered"]:
+        print(evaluation["registered"]["summary"])
+    print(f"results under {layout.base} (report: {evaluation['report_url']}); evaluation protocol "
+          f"{evaluation.get('protocol_id', 'not recorded')}; MLflow: {tracker.tracking_uri}, run {parent_id}")
+    print(f"open the MLflow UI: {ui_command(tracker.tracking_uri)}   (or: make ui)")
     return result
 
 

@@ -21,9 +21,9 @@ STAGES = ("data", "fm", "cafm", "samples", "eval")
 
 
 def tracking_uri(params: PipelineParams) -> str:
-    """The MLflow store of a pipeline run: the parameter, else ``MLFLOW_TRACKING_URI``, else
-    a SQLite file beside the outputs."""
-    return params.tracking_uri or default_tracking_uri(params.storage_root)
+    """The MLflow store of a pipeline run: the parameter, else the one default of every flow
+    (``MLFLOW_TRACKING_URI``, else ``outputs/mlflow.db``)."""
+    return params.tracking_uri or default_tracking_uri()
 
 
 class RunLayout:

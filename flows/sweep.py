@@ -22,6 +22,7 @@ from flows.run_layout import RunLayout
 from tasks.stage_ledger import fingerprint
 from tasks.sweep import trial_name
 from tasks.sweep_stage import sweep_task
+from tasks.tracking import ui_command
 
 __all__ = ["sweep_flow"]
 
@@ -54,14 +55,15 @@ def sweep_flow(params: SweepParams = SweepParams()) -> dict:
             fm = pretrain_stage(pipeline, layout, tracking, data)
         outputs = sweep_task(
             layout.sweep_folder(params.name, sweep_fingerprint), data, fm, _trial_specs(params),
-            pipeline.sampling.sampler_settings(), list(pipeline.eval_seeds), compute, tracking,
-            init_checkpoint=pipeline.cafm.init_checkpoint, num_samples=pipeline.sampling.num_samples,
-            curve_setting=SamplerSetting(pipeline.sampling.method, params.curve_nfe, 1.0),
+            pipeline.sampling.evaluation(pipeline.eval_seeds), compute, tracking,
+            init_checkpoint=pipeline.cafm.init_checkpoint, curve_setting=SamplerSetting(pipeline.sampling.method, params.curve_nfe, 1.0),
             curve_every=params.curve_every, curve_samples=params.curve_samples, cpus_per_trial=params.cpus_per_trial,
         )
     print(f"\n{outputs['table']}\n")
     print("ranking (lower is better): " + ", ".join(f"{n} {v:.4g}" for n, v in outputs["ranking"]))
-    print(f"report: {outputs['report_url']}; MLflow: {tracker.tracking_uri}, run {parent_id}")
+    print(f"report: {outputs['report_url']}; evaluation protocol {outputs.get('protocol_id', 'not recorded')}; MLflow: "
+          f"{tracker.tracking_uri}, run {parent_id}")
+    print(f"open the MLflow UI: {ui_command(tracker.tracking_uri)}   (or: make ui)")
     if outputs["failed"]:
         raise RuntimeError(f"sweep trials failed: {outputs['failed']} (see the report)")
     return outputs

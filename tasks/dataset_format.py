@@ -36,6 +36,7 @@ REFERENCE_STATS_FILE = "reference_stats.safetensors"
 OUTPUT_ENTRIES = (MANIFEST_FILE, SHARDS_DIR, FEATURE_NET_DIR, REFERENCE_STATS_FILE)
 MANIFEST_FORMAT = "cafm_prepared_dataset"
 MANIFEST_VERSION = 1
+POINTS_SAMPLE_COUNT = 10_000  # evaluation samples per setting for low-dimensional sets when none is given
 
 
 def sha256_hex(data: bytes) -> str:
@@ -256,3 +257,44 @@ def load_reference_stats(store: Store, data_url: str) -> tuple[np.ndarray, np.nd
         raise CAFMInputError(f"checksum mismatch for {url}: sha256 differs from the manifest (corrupted)")
     tensors = st_load(data)
     return tensors["mu"], tensors["sigma"]
+
+
+# ---- identity and evaluation protocol -----------------------------------------------------
+
+
+def dataset_identity(manifest: dict) -> str:
+    """The content identity of a prepared dataset: a hash of its shards' checksums, kind,
+    shape and classes (not of where it lives or when it was written). Generators record the
+    identity of the data they were trained on; evaluation protocols that of their held set."""
+    payload = {"kind": manifest["kind"], "sample_shape": list(manifest["sample_shape"]),
+               "num_classes": manifest["num_classes"], "shards": [shard["sha256"] for shard in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def evaluation_protocol(store: Store, data_url: str, *, settings, seeds, num_samples: int | None = None,
+                        shard_size: int = 1024):
+    """The ``cafm_core.protocol.EvaluationProtocol`` of a prepared dataset as the held set:
+    its identity, the hashes of its frozen feature network (the checkpoint's checksum marker)
+    and reference statistics, and the sampling. ``num_samples`` defaults to the dataset's
+    size for images and 10,000 for points."""
+    from cafm_core.checkpoint import MARKER_FILE
+    from cafm_core.protocol import EvaluationProtocol
+
+    manifest = read_manifest(store, data_url)
+    image = manifest["kind"] == "image"
+    feature_net = reference_stats = None
+    if manifest.get("feature_net") is not None:
+        marker = store.read_bytes(join_url(data_url, manifest["feature_net"]["path"], MARKER_FILE))
+        feature_net = sha256_hex(marker)
+        reference_stats = manifest["reference_stats"]["sha256"]
+    classes = manifest["num_classes"] if image else 0  # point models are unconditional
+    counts = manifest.get("class_counts") if classes else None
+    return EvaluationProtocol(
+        dataset=dataset_identity(manifest), dataset_name=manifest["name"], kind=manifest["kind"],
+        sample_shape=tuple(manifest["sample_shape"]),
+        num_classes=classes, class_counts=tuple(counts) if counts else None, feature_net=feature_net,
+        reference_stats=reference_stats, settings=tuple(settings),
+        num_samples=num_samples or (manifest["count"] if image else POINTS_SAMPLE_COUNT),
+        seeds=tuple(seeds), shard_size=shard_size, data_url=data_url,
+    )
+

@@ -21,27 +21,31 @@ from pathlib import Path
 
 from PIL import Image
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from cafm_core.evaluation import SamplerSetting, labels_in_proportion
 from cafm_core.models import MLPConfig, dit_config
 from cafm_core.plots import training_curves
-from tasks.dataset_format import shard_urls
+from tasks.dataset_format import dataset_identity, evaluation_protocol, shard_urls
+from tasks.prefect_artifacts import publish_image
 from tasks.prepare import prepare_dataset
 from tasks.ray_cluster import start_cluster, worker_cpus
 from tasks.run_tracking import RunTracking, stage_logger
-from tasks.sample_scoring import headline, score_samples
+from tasks.promotion import promote
+from tasks.registry_evaluation import (
+    MODEL_EVALUATION_EXPERIMENT,
+    alias_versions,
+    evaluate_version,
+    record_version_evaluation,
+)
+from tasks.sample_scoring import score_samples
 from tasks.sampling import generate_sample_shards
 from tasks.stage_ledger import StageFolder
-from tasks.storage import artifact_url
+from tasks.tracking import PROTOCOL_TAG, Tracker
 from tasks.train.driver import run_cafm, run_flow_matching
 
-__all__ = ["evaluate_task", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task", "sample_task",
-           "start_compute"]
-
-POINTS_SAMPLE_COUNT = 10_000  # samples per setting for low-dimensional sets when none is given
-
+__all__ = ["evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
+           "register_and_promote", "sample_task", "start_compute"]
 
 def start_compute(compute: dict) -> None:
     """Ray for the stage's workers (a local cluster, or ``RAY_ADDRESS``)."""
@@ -86,6 +90,11 @@ def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracki
     return folder.complete({"data_url": folder.join("out"), "manifest": manifest})
 
 
+def lineage(manifest: dict) -> dict:
+    """What a generator records of its training data (``tasks.dataset_format.dataset_identity``)."""
+    return {"dataset": dataset_identity(manifest), "dataset_name": manifest["name"]}
+
+
 def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking, logged: dict, run) -> dict:
     """What both training stages share: Ray, the MLflow run, the model on storage.
 
@@ -100,7 +109,7 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
             shard_urls=shard_urls(folder.store, data["data_url"]), sample_shape=tuple(manifest["sample_shape"]),
             num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
             storage_path=folder.store.join(folder.run_url, "ray"), run_name=f"{folder.run_name}-{folder.stage}",
-            output_dir=str(Path(scratch) / "out"), **compute,
+            output_dir=str(Path(scratch) / "out"), lineage=lineage(manifest), **compute,
         )
         # this stage run (a new MLflow run on every attempt) gets every row: those of an
         # interrupted earlier attempt, never logged, and this attempt's
@@ -163,73 +172,91 @@ def _log_curves(folder: StageFolder, tracking: RunTracking, history: list[dict])
     training_curves({"CAFM": history}, metric, picture, reference=start[f"{metric}_model"] if start else None)
     folder.store.write_bytes(folder.join("curves.png"), picture.getvalue())
     tracking.tracker.log_image(Image.open(io.BytesIO(picture.getvalue())), "curves.png")
+    publish_image("cafm-curves", picture.getvalue(), storage_url=folder.join("curves.png"),
+                  description=f"CAFM post-training: {metric} of the generator and its EMA on a fixed sample")
 
 
 @task(name="sample", cache_policy=NONE)
-def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], settings: list[SamplerSetting],
-                seeds: list[int], compute: dict, *, num_samples: int | None = None, shard_size: int = 1024) -> dict:
-    """Samples of every generator (``generators``: name -> its training stage's outputs) at
-    every sampler setting and seed, as shards on storage; image labels in the data's class
-    proportions. ``num_samples`` per setting defaults to the dataset's size (images) or
-    ``POINTS_SAMPLE_COUNT`` (points)."""
+def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], evaluation: dict, compute: dict) -> dict:
+    """Samples of every generator (``generators``: name -> its training stage's outputs) under
+    the evaluation protocol of the prepared data (``evaluation``: its settings, seeds, sample
+    count and shard size), as shards on storage. A generator of other data is refused
+    before any sample is drawn."""
     if (done := _skipped(folder)) is not None:
         return done
-    manifest = data["manifest"]
-    image = manifest["kind"] == "image"
-    count = num_samples or (manifest["count"] if image else POINTS_SAMPLE_COUNT)
-    labels = None
-    if image and manifest["num_classes"] > 0 and manifest.get("class_counts"):
-        labels = labels_in_proportion(manifest["class_counts"], count)
+    protocol = evaluation_protocol(folder.store, data["data_url"], **evaluation)
+    for name, outputs in generators.items():
+        _, config, metadata = folder.store.read_checkpoint(outputs["model_url"])
+        protocol.check_generator(config, trained_on=metadata.get("dataset"), what=f"the {name} generator")
     start_compute(compute)
     start = time.perf_counter()
     layout = generate_sample_shards(folder.store, models={name: outputs["model_url"] for name, outputs in generators.items()},
-                                    out_url=folder.join("out"), settings=settings, num_samples=count, labels=labels,
-                                    seeds=seeds, shard_size=shard_size, use_gpu=compute["use_gpu"])
+                                    out_url=folder.join("out"), protocol=protocol, use_gpu=compute["use_gpu"])
     seconds = time.perf_counter() - start
-    total = count * len(layout)
-    stage_logger().info("generated %d samples in %.0fs (%.0f samples/s)", total, seconds, total / seconds)
-    return folder.complete({"layout": layout, "count": count, "seconds": seconds})
+    total = protocol.num_samples * len(layout)
+    stage_logger().info("generated %d samples in %.0fs (%.0f samples/s) under %s", total, seconds, total / seconds,
+                        protocol.describe())
+    return folder.complete({"layout": layout, "count": protocol.num_samples, "seconds": seconds,
+                            "protocol_id": protocol.id})
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate_task(folder: StageFolder, data: dict, samples: dict, settings: list[SamplerSetting], seeds: list[int],
-                  tracking: RunTracking, *, logged: dict, inception_weights: str | None = None,
-                  registration: dict | None = None) -> dict:
-    """Metrics of every generator's samples against the prepared data, the report, the
-    picture (storage, MLflow, Prefect artifacts). ``registration`` (``model_name``,
-    ``cafm``: the CAFM stage's outputs, ``tags``) registers the CAFM generator in MLflow."""
+def evaluate_task(folder: StageFolder, data: dict, samples: dict, evaluation: dict, tracking: RunTracking, *,
+                  logged: dict, inception_weights: str | None = None, registration: dict | None = None) -> dict:
+    """Metrics of every generator's samples under the evaluation protocol, the report, the
+    picture (storage, MLflow, Prefect artifacts). ``registration`` (``model_name``, ``cafm``:
+    the CAFM stage's outputs, ``rule``: the promotion rule, ``tags``) registers the CAFM
+    generator as ``candidate`` and applies the promotion rule against the ``champion``,
+    both evaluated under this protocol."""
     if (done := _skipped(folder)) is not None:
         return done
+    protocol = evaluation_protocol(folder.store, data["data_url"], **evaluation)
     tracker = tracking.tracker
-    with tracking.stage_run("evaluate", logged):
-        result = score_samples(folder.store, data_url=data["data_url"], sample_layout=samples["layout"],
-                                settings=settings, seeds=seeds, out_url=folder.join("out"),
-                                inception_weights=inception_weights)
+    with tracking.stage_run("evaluate", logged, tags={PROTOCOL_TAG: protocol.id}):
+        result = score_samples(folder.store, protocol=protocol, sample_layout=samples["layout"],
+                               out_url=folder.join("out"), inception_weights=inception_weights)
         for row in result["summary"]:
             tracker.log_summary_row(row, prefix=f"{row['model'].lower()}.")
         tracker.log_text(result["report"], "report.md")
         tracker.log_dict({k: v for k, v in result.items() if k not in ("picture_png", "report")}, "metrics.json")
         tracker.log_image(Image.open(io.BytesIO(result["picture_png"])), "samples.png")
-        registered = _register(folder, tracking, result["summary"], registration) if registration else None
+        registered = None
+        if registration:  # the generator is logged with this stage's MLflow run
+            registered = register_and_promote(folder, tracking, protocol, result["rows"], data, registration)
     tracking.note_unlogged()
-    create_markdown_artifact(key="fm-vs-cafm", markdown=result["report"], description="FM vs CAFM at identical sampler settings")
-    create_image_artifact(image_url=artifact_url(folder.join("out", "samples.png")), key="samples",
-                          description="FM and CAFM samples beside real data")
-    return folder.complete({"table": result["table"], "summary": result["summary"],
+    report = result["report"] + (f"\n## Registry\n\n{registered['summary']}\n" if registered else "")
+    create_markdown_artifact(key="fm-vs-cafm", markdown=report, description=f"FM vs CAFM, protocol {protocol.id}")
+    publish_image("samples", result["picture_png"], description="FM and CAFM samples beside real data",
+                  storage_url=folder.join("out", "samples.png"))
+    return folder.complete({"table": result["table"], "summary": result["summary"], "protocol_id": protocol.id,
                             "report_url": folder.join("out", "report.md"), "registered": registered})
 
 
-def _register(folder: StageFolder, tracking: RunTracking, summary: list[dict], registration: dict) -> dict:
-    """Register the CAFM generator; move ``champion`` to it when its headline metric is lower."""
+def register_and_promote(folder: StageFolder, tracking: RunTracking, protocol, rows: list[dict], data: dict,
+                         registration: dict) -> dict:
+    """Register the CAFM generator as ``candidate`` (tagged with its dataset and the protocol),
+    record its evaluation (the pipeline's rows: the numbers the protocol gives it), evaluate
+    the ``champion`` under the same protocol and apply the promotion rule (``tasks.promotion``)."""
     tracker = tracking.tracker
-    name, model_url = registration["model_name"], registration["cafm"]["model_url"]
-    metric = "fd" if "fd" in summary[0] else "sliced_wasserstein"
-    value = headline(summary, metric)
+    name, model_url, rule = registration["model_name"], registration["cafm"]["model_url"], registration["rule"]
     with tempfile.TemporaryDirectory() as scratch:
         folder.store.download_dir(model_url, scratch)
-        version = tracker.register_generator(scratch, name, tags=registration["tags"])
-    promoted = tracker.promote_if_better(name, version, metric, value) if version else False
-    registered = {"name": name, "version": version, "metric": metric, "value": value, "champion": promoted}
+        version, refused = tracker.register_generator(scratch, name, dataset=dataset_identity(data["manifest"]),
+                                                      tags={**registration["tags"], PROTOCOL_TAG: protocol.id})
+    registered = {"name": name, "version": version, "protocol_id": protocol.id, "champion": False}
     if version is None:
-        registered["not_registered"] = f"MLflow unavailable ({tracker.last_error}); the model is at {model_url}"
+        registered["not_registered"] = f"{refused}; the model is at {model_url}"
+        registered["summary"] = f"Not registered: {registered['not_registered']}."
+        return registered
+    evaluations = Tracker(tracker.tracking_uri, MODEL_EVALUATION_EXPERIMENT)
+    roles = alias_versions(evaluations, name)
+    cafm_rows = [{k: v for k, v in row.items() if k != "model"} for row in rows if row["model"] == "CAFM"]
+    headlines = {version: record_version_evaluation(evaluations, protocol, name, version, cafm_rows).headline}
+    champion = roles.get("champion")
+    if champion is not None and champion != version:
+        headlines[champion] = evaluate_version(evaluations, protocol, name, champion).headline
+    outcome = promote(evaluations, name, roles, headlines, rule, kind=protocol.kind)
+    registered.update(champion=outcome.promoted, previous_champion=champion, headlines=headlines,
+                      summary=f"`{name}` version {version} registered as candidate. {outcome.describe()}")
+    stage_logger().info("%s", registered["summary"])
     return registered

@@ -1,8 +1,11 @@
 """MLflow pyfunc wrapper for a CAFM/FM generator, logged as "model from code" (no pickle).
 
-Loaded with ``mlflow.pyfunc.load_model(uri)``; ``predict`` takes a table with columns
-``label`` (int, optional) and ``seed`` (int, optional) and optional params ``nfe``,
-``method``, ``cfg_scale``, and returns one flattened sample per row.
+Loaded with ``mlflow.pyfunc.load_model(uri)`` or served with ``mlflow models serve``;
+``predict`` takes a table with columns ``label`` (int, optional: else the classes in turn)
+and ``seed`` (int, optional; the first row's seeds the whole request) and optional params
+``nfe``, ``method``, ``cfg_scale``, and returns one flattened sample per row (values in
+[-1, 1]). The project itself never loads this file to evaluate or generate: it reads the
+weights from the logged checkpoint (``tasks.registry_evaluation.load_registered_generator``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ class CAFMGenerator(PythonModel):
         count = len(model_input)
         labels = None
         if getattr(self.model, "null_class", None) is not None:
-            labels = torch.as_tensor(np.asarray(model_input["label"], dtype=np.int64))
-        seed = int(model_input["seed"].iloc[0]) if "seed" in model_input else 0
+            if "label" in model_input and not model_input["label"].isna().any():
+                labels = torch.as_tensor(np.asarray(model_input["label"], dtype=np.int64))
+            else:  # no labels given: cycle through the classes
+                labels = torch.arange(count) % self.model.config.num_classes
+        seed = int(model_input["seed"].iloc[0]) if "seed" in model_input and not model_input["seed"].isna().any() else 0
         samples = generate(
             self.model,
             num_samples=count,

@@ -1,13 +1,15 @@
-"""Sampling stage: generate images from checkpoints in shards spread over Ray workers.
+"""Sampling stage: sample sets of every generator under an evaluation protocol, as shards
+spread over Ray workers.
 
-Each shard is one Ray task: it loads the generator from storage, draws its samples with a
-seed derived from (run seed, shard index), and writes ``samples`` and ``labels`` as one
-safetensors object. Shards are deterministic, so a rerun reproduces them exactly.
+Each shard is one Ray task and one of the protocol's draws (``cafm_core.protocol``): it
+loads the generator from storage, draws its samples with the draw's noise seed and the
+protocol's labels, and writes ``samples`` and ``labels`` as one safetensors object. Draws
+are deterministic, so a rerun reproduces them exactly, and the same generator evaluated in
+one process (``cafm_core.protocol.evaluate_under``) gets the same samples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 
@@ -19,49 +21,40 @@ from tqdm.auto import tqdm
 
 from cafm_core.checkpoint import model_from_checkpoint
 from cafm_core.evaluation import SamplerSetting
-from cafm_core.samplers import generate
+from cafm_core.protocol import Draw, EvaluationProtocol, draw_samples
 from tasks.storage import Store
+
+__all__ = ["ShardSpec", "generate_sample_shards", "generate_shard", "read_samples", "sample_set_key"]
 
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """One shard: a draw of one generator's sample set at one setting."""
+
     checkpoint_url: str
     out_url: str
+    protocol: dict  # EvaluationProtocol.to_dict()
     setting: SamplerSetting
-    start: int
-    count: int
-    seed: int
+    draw: Draw
 
 
-def shard_seed(seed: int, key: str, start: int) -> int:
-    """A stable 31-bit seed per (seed, model/setting key, shard start)."""
-    digest = hashlib.sha256(f"{seed}:{key}:{start}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+def sample_set_key(model: str, setting: SamplerSetting, seed: int) -> str:
+    """``cafm/heun-nfe8-cfg1/seed0``: where one sample set's shards live, relative to the stage."""
+    return f"{model}/{setting.key}/seed{seed}"
 
 
-def generate_shard(store_root: str, spec: ShardSpec, labels: list[int] | None, device: str) -> str:
+def generate_shard(store_root: str, spec: ShardSpec, device: str) -> str:
     torch.set_num_threads(1)
     store = Store(store_root)
     if store.exists(spec.out_url):
         return spec.out_url
+    protocol = EvaluationProtocol.from_dict(spec.protocol)
     tensors, config, metadata = store.read_checkpoint(spec.checkpoint_url)
     model = model_from_checkpoint(tensors, config, metadata).to(device)
-    label_tensor = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-    samples = generate(
-        model,
-        num_samples=spec.count,
-        sample_shape=tuple(model.config.sample_shape),
-        labels=label_tensor,
-        nfe=spec.setting.nfe,
-        method=spec.setting.method,
-        cfg_scale=spec.setting.cfg_scale if label_tensor is not None else 1.0,
-        null_class=getattr(model, "null_class", None),
-        seed=spec.seed,
-        device=device,
-    )
+    samples, labels = draw_samples(model, protocol, spec.setting, spec.draw, device=device)
     payload = {"samples": samples.contiguous()}
-    if label_tensor is not None:
-        payload["labels"] = label_tensor
+    if labels is not None:
+        payload["labels"] = labels.contiguous()
     store.write_bytes(spec.out_url, safetensors_save(payload))
     return spec.out_url
 
@@ -69,50 +62,33 @@ def generate_shard(store_root: str, spec: ShardSpec, labels: list[int] | None, d
 _remote_shard = ray.remote(num_cpus=1)(generate_shard)
 
 
-def setting_key(setting: SamplerSetting) -> str:
-    return f"{setting.method}-nfe{setting.nfe}-cfg{setting.cfg_scale:g}"
-
-
 def generate_sample_shards(
     store: Store,
     *,
     models: dict[str, str],
     out_url: str,
-    settings: list[SamplerSetting],
-    num_samples: int,
-    labels: list[int] | None,
-    seeds: list[int],
-    shard_size: int,
+    protocol: EvaluationProtocol,
     use_gpu: bool = False,
 ) -> dict[str, list[str]]:
-    """Generate every (model, setting, seed) sample set; returns ``key -> shard URLs``.
+    """Generate every (model, setting, seed) sample set of the protocol; returns
+    ``sample_set_key -> shard URLs``.
 
     ``models`` maps a name (``fm``, ``cafm``) to a checkpoint URL. Already written shards are
     kept (a rerun only fills in what is missing).
     """
     jobs, layout = [], {}
     for model_name, checkpoint_url in models.items():
-        for setting in settings:
-            for seed in seeds:
-                key = f"{model_name}/{setting_key(setting)}/seed{seed}"
+        for setting in protocol.settings:
+            for seed in protocol.seeds:
+                key = sample_set_key(model_name, setting, seed)
                 layout[key] = []
-                for start in range(0, num_samples, shard_size):
-                    count = min(shard_size, num_samples - start)
-                    spec = ShardSpec(
-                        checkpoint_url=checkpoint_url,
-                        out_url=Store.join(out_url, key, f"part-{start // shard_size:05d}.safetensors"),
-                        setting=setting,
-                        start=start,
-                        count=count,
-                        seed=shard_seed(seed, f"{setting_key(setting)}", start),
-                    )
-                    shard_labels = labels[start : start + count] if labels is not None else None
+                for number, draw in enumerate(protocol.draws(setting, seed)):
+                    spec = ShardSpec(checkpoint_url=checkpoint_url,
+                                     out_url=Store.join(out_url, key, f"part-{number:05d}.safetensors"),
+                                     protocol=protocol.to_dict(), setting=setting, draw=draw)
                     layout[key].append(spec.out_url)
-                    jobs.append(
-                        _remote_shard.options(num_gpus=0.25 if use_gpu else 0).remote(
-                            store.root, spec, shard_labels, "cuda" if use_gpu else "cpu"
-                        )
-                    )
+                    jobs.append(_remote_shard.options(num_gpus=0.25 if use_gpu else 0).remote(
+                        store.root, spec, "cuda" if use_gpu else "cpu"))
     _wait_with_progress(jobs, "sampling shards")
     return layout
 

@@ -128,11 +128,6 @@ def _s3_endpoint_description() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
 
 
-def artifact_url(url: str) -> str:
-    """A storage URL as Prefect's image artifacts take it (local paths as ``file://`` URIs)."""
-    return url if "://" in url else Path(url).resolve().as_uri()
-
-
 def join_url(base: str, *parts: str) -> str:
     """``base/part1/part2`` with single slashes; parts may hold ``/`` but no ``..`` segments."""
     if not isinstance(base, str) or not base:

@@ -11,9 +11,10 @@ small enough that a trial per CPU beats data parallelism), and:
   or exploding losses/logits) and reports the trial as *diverged* at that step, with the
   reason, unevaluated: in a sweep a setting that diverges is a result, not something to
   rescue with another learning rate (the pipeline's stages roll back instead);
-* at the end evaluates its EMA generator at every sampler setting and seed, exactly as the
-  pipeline's evaluation does (same settings, seeds, labels and feature network), and
-  writes the generator to ``<out_url>/trials/<trial>/model``.
+* at the end evaluates its EMA generator under the evaluation protocol
+  (``cafm_core.protocol.evaluate_under``: the same draws, labels, noise and scoring as the
+  pipeline's sample shards, so a sweep's numbers and the pipeline's compare one to one),
+  and writes the generator to ``<out_url>/trials/<trial>/model``.
 
 The FM generator is evaluated once at the same settings, so every trial's table row sits
 beside the baseline and the noise floor. Trials read their inputs from storage, so they
@@ -38,11 +39,11 @@ from cafm_core.evaluation import (
     POINT_METRICS,
     SamplerSetting,
     TrainingCurve,
-    evaluate_generator,
     FLOOR_SPLITS,
     noise_floor,
 )
 from cafm_core.models import discriminator_from_generator
+from cafm_core.protocol import EvaluationProtocol, evaluate_under
 from cafm_core.training import DivergenceGuard, infinite_batches, train_cafm
 from tasks.dataset_format import load_for_evaluation
 from tasks.storage import Store
@@ -52,7 +53,7 @@ from tasks.train.configs import train_config
 # what Tune adds to every report (iteration counters, timestamps, host): not ours to log
 _TUNE_KEYS = frozenset({*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"})
 
-__all__ = ["run_sweep", "trial_name"]
+__all__ = ["evaluate_generator", "rows_from_report", "run_sweep", "trial_name"]
 
 
 def trial_name(index: int, point: Mapping[str, Any]) -> str:
@@ -90,8 +91,9 @@ def _trial(config: dict, *, spec: dict) -> None:
     discriminator = discriminator_from_generator(generator)
     point = trial["point"]
     cfg = train_config("cafm", {**trial["config"], "log_every": 1})  # the callback picks the rows it reports
+    protocol = EvaluationProtocol.from_dict(spec["protocol"])
     curve = TrainingCurve(dataset, SamplerSetting(**spec["curve_setting"]), feature_net=feature_net,
-                          num_samples=spec["curve_samples"], seed=spec["seeds"][0])
+                          num_samples=spec["curve_samples"], seed=protocol.seeds[0])
     ema = EMA(generator, cfg.ema_decay, warmup=cfg.ema_warmup)
     labels = dataset.labels if getattr(generator, "null_class", None) is not None else None
     batches = infinite_batches(dataset.data, labels, cfg.batch_size, seed=cfg.seed)
@@ -120,12 +122,11 @@ def _trial(config: dict, *, spec: dict) -> None:
         tune.report({"step": step, "final": 1.0, "diverged_at_step": step, "seconds": time.perf_counter() - started})
         return
     ema.copy_to(generator)
-    settings = [SamplerSetting(**s) for s in spec["settings"]]
-    rows = evaluate_generator(generator, dataset, settings, feature_net=feature_net,
-                              num_samples=spec["num_samples"], seeds=spec["seeds"])
+    rows = evaluate_generator(protocol, generator, dataset, feature_net, metadata.get("dataset"))
     model_url = Store.join(spec["out_url"], "trials", trial["name"], "model")
+    lineage = {k: metadata[k] for k in ("dataset", "dataset_name") if k in metadata}
     model_tensors, saved_config, saved_meta = model_to_tensors(
-        generator, ema_shadow=ema.shadow, metadata={"stage": "cafm-sweep", "trial": trial["name"], "point": point}
+        generator, ema_shadow=ema.shadow, metadata={**lineage, "stage": "cafm-sweep", "trial": trial["name"], "point": point}
     )
     store.write_checkpoint(model_url, model_tensors, saved_config, saved_meta)
     final = {"step": cfg.steps, "final": 1.0, "seconds": time.perf_counter() - started}
@@ -141,9 +142,7 @@ def run_sweep(
     data_url: str,
     fm_url: str,
     trials: list[dict[str, Any]],
-    settings: list[SamplerSetting],
-    seeds: list[int],
-    num_samples: int | None,
+    protocol: EvaluationProtocol,
     curve_setting: SamplerSetting,
     curve_every: int,
     curve_samples: int,
@@ -153,8 +152,8 @@ def run_sweep(
     divergence: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run every trial (``{"name", "point", "config"}``, config: CAFMConfig fields) with Ray
-    Tune; returns each trial's curve and evaluation rows, the FM generator's rows and the
-    noise floor.
+    Tune; returns each trial's curve and evaluation rows under ``protocol``, the FM
+    generator's rows and the noise floor.
 
     Every config is validated (``CAFMConfig``) before Ray starts. The Tune experiment lives
     under ``<out_url>/tune``.
@@ -172,7 +171,8 @@ def run_sweep(
     dataset, manifest, feature_net = load_for_evaluation(store, data_url)
     tensors, model_config, metadata = store.read_checkpoint(fm_url)
     fm_generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=False)
-    fm_rows = evaluate_generator(fm_generator, dataset, settings, feature_net=feature_net, num_samples=num_samples, seeds=seeds)
+    fm_rows = evaluate_generator(protocol, fm_generator, dataset, feature_net, metadata.get("dataset"))
+    seeds = list(protocol.seeds)
     curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])
     fm_curve = curve(fm_generator)
     floor = noise_floor(dataset, feature_net=feature_net, real_features=curve.real_features, seed=seeds[0],
@@ -180,7 +180,7 @@ def run_sweep(
 
     spec = {
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,
-        "settings": [s.to_dict() for s in settings], "seeds": list(seeds), "num_samples": num_samples,
+        "protocol": protocol.to_dict(),
         "curve_setting": curve_setting.to_dict(), "curve_every": curve_every, "curve_samples": curve_samples,
         "threads": cpus_per_trial, "divergence": DivergenceGuard(**(divergence or {})).to_dict(),
     }
@@ -216,12 +216,20 @@ def run_sweep(
         if final is not None and "diverged_at_step" in final:
             entry["diverged"] = store.read_json(Store.join(out_url, "trials", trial["name"], "diverged.json"))
         elif final is not None:
-            entry["rows"] = rows_from_report(final, settings, seeds)
+            entry["rows"] = rows_from_report(final, list(protocol.settings), seeds)
             entry["model_url"] = Store.join(out_url, "trials", trial["name"], "model")
         outcomes.append(entry)
     outcomes.sort(key=lambda t: t["name"])
     return {"trials": outcomes, "fm_rows": fm_rows, "fm_curve": fm_curve, "seconds": seconds, "noise_floor": floor,
             "dataset": manifest["name"], "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS}
+
+
+def evaluate_generator(protocol: EvaluationProtocol, generator, dataset, feature_net, trained_on: str | None) -> list[dict]:
+    """A generator's rows under the protocol (what each trial and the FM baseline report): the
+    numbers the pipeline's sample shards give the same generator."""
+    rows = evaluate_under(protocol, {"model": generator}, dataset, feature_net=feature_net,
+                          trained_on={"model": trained_on})
+    return [{k: v for k, v in row.items() if k != "model"} for row in rows]
 
 
 def _is_number(value: Any) -> bool:

@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from cafm_core.evaluation import (
@@ -23,22 +23,26 @@ from cafm_core.evaluation import (
 )
 from cafm_core.plots import training_curves
 from tasks.pipeline_stages import start_compute
+from tasks.dataset_format import evaluation_protocol
+from tasks.prefect_artifacts import publish_image
 from tasks.run_tracking import RunTracking, stage_logger
 from tasks.stage_ledger import StageFolder
-from tasks.storage import artifact_url
+from tasks.tracking import PROTOCOL_TAG
 from tasks.sweep import run_sweep
 
 __all__ = ["sweep_task"]
 
 
 @task(name="cafm-sweep", cache_policy=NONE)
-def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[dict], settings: list[SamplerSetting],
-               seeds: list[int], compute: dict, tracking: RunTracking, *, init_checkpoint: str | None = None,
-               num_samples: int | None, curve_setting: SamplerSetting, curve_every: int, curve_samples: int,
+def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[dict], evaluation: dict,
+               compute: dict, tracking: RunTracking, *, init_checkpoint: str | None = None,
+               curve_setting: SamplerSetting, curve_every: int, curve_samples: int,
                cpus_per_trial: int) -> dict:
     """Run the sweep's ``trials`` (``{"name", "point", "config"}``) from the FM stage's
-    generator (``fm``: its outputs) or ``init_checkpoint``; a sweep with failed trials is
-    reported but not marked complete, so a rerun retries it."""
+    generator (``fm``: its outputs) or ``init_checkpoint``, every generator evaluated under the
+    evaluation protocol of the prepared data (``evaluation``: settings, seeds, sample count,
+    shard size); a sweep with failed trials is reported but not marked complete, so a rerun
+    retries it."""
     log = stage_logger()
     if (done := folder.completed()) is not None:
         log.info("sweep %s complete at %s: skipped", folder.stage, folder.url)
@@ -47,11 +51,13 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
     fm_url = init_checkpoint or (fm or {}).get("model_url")
     if fm_url is None:
         raise ValueError("the sweep needs the FM stage's outputs or an init_checkpoint URL")
-    log.info("sweep %s: %d trials from %s", name, len(trials), fm_url)
+    protocol = evaluation_protocol(folder.store, data["data_url"], **evaluation)
+    seeds = protocol.seeds
+    log.info("sweep %s: %d trials from %s, %s", name, len(trials), fm_url, protocol.describe())
     start_compute(compute)
     result = run_sweep(
-        folder.store, data_url=data["data_url"], fm_url=fm_url, trials=trials, settings=settings, seeds=seeds,
-        num_samples=num_samples, curve_setting=curve_setting, curve_every=curve_every, curve_samples=curve_samples,
+        folder.store, data_url=data["data_url"], fm_url=fm_url, trials=trials, protocol=protocol,
+        curve_setting=curve_setting, curve_every=curve_every, curve_samples=curve_samples,
         cpus_per_trial=cpus_per_trial, out_url=out_url, name=name, divergence=compute["divergence"],
     )
     keys = result["metrics"]
@@ -84,7 +90,8 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
         f"Each trial against FM, paired by evaluation seed (same noise and labels):\n\n{paired}\n\n"
         f"Trials (all from the FM generator {fm_url}):\n\n{points}\n\n"
         f"{len(seeds)} evaluation seed(s); identical sampler settings, noise and labels for every "
-        f"model. Sweep time {result['seconds']:.0f}s.\n"
+        f"model; evaluation protocol `{protocol.id}` (the pipeline's numbers under the same id compare one to one). "
+        f"Sweep time {result['seconds']:.0f}s.\n"
     )
     picture = io.BytesIO()
     training_curves({t["name"].split("-")[0]: t["curve"] for t in result["trials"]}, metric, picture,
@@ -97,7 +104,7 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
         tags = {"cafm.diverged": f"step {diverged[trial['name']]['step']}: {diverged[trial['name']]['reason']}"} \
             if trial["name"] in diverged else None
         with tracker.run(trial["name"], {"point": trial["point"], "cafm": configs[trial["name"]]},
-                         parent_run_id=tracking.parent_run_id, tags=tags):
+                         parent_run_id=tracking.parent_run_id, tags={**(tags or {}), PROTOCOL_TAG: protocol.id}):
             tracker.log_history(trial["curve"])
             for row in summary:
                 if row["model"] == trial["name"]:
@@ -108,14 +115,15 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
     store = folder.store
     store.write_bytes(folder.join("report.md"), report.encode())
     store.write_bytes(folder.join("curves.png"), picture)
-    store.write_json(folder.join("sweep.json"), {**result, "summary": summary, "noise_floor": floor, "ranking": ranking})
+    store.write_json(folder.join("sweep.json"), {**result, "summary": summary, "noise_floor": floor, "ranking": ranking,
+                                                 "protocol_id": protocol.id, "protocol": protocol.to_dict()})
     create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-").replace(".", "-"), markdown=report,
                              description="CAFM sweep: FM vs every trial at identical sampler settings")
-    create_image_artifact(image_url=artifact_url(folder.join("curves.png")), key="sweep-curves",
-                          description="diagnostic curves of every trial")
+    publish_image("sweep-curves", picture, description="diagnostic curves of every trial",
+                  storage_url=folder.join("curves.png"))
     outputs = {"report_url": folder.join("report.md"), "table": table, "ranking": ranking,
                "best": next((model for model, _ in ranking if model != "FM"), None), "failed": failed,
-               "diverged": sorted(diverged)}
+               "diverged": sorted(diverged), "protocol_id": protocol.id}
     if not failed:  # a sweep with failed trials is reported but not marked complete: a rerun retries it
         folder.complete(outputs)
     return outputs

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key")
 MLFLOW_MODEL_CODE = str(Path(__file__).with_name("registry_model.py"))
+PROTOCOL_TAG = "cafm.protocol_id"  # on every evaluation run and registered version: the protocol its numbers belong to
+DATASET_TAG = "cafm.dataset"  # on registered models and versions: the identity of the data they were trained on
 
 
 OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"
@@ -372,53 +374,86 @@ class Tracker:
 
     # ---- model registry (needs the server now; reported, never buffered) -----------------
 
-    def register_generator(self, checkpoint_dir: str, model_name: str, *, tags: Mapping | None = None) -> str | None:
-        """Log the generator as a pyfunc model (from code) and register it; alias ``candidate``.
+    def register_generator(self, checkpoint_dir: str, model_name: str, *, dataset: str,
+                           tags: Mapping | None = None) -> tuple[str | None, str | None]:
+        """Log the generator as a pyfunc model (from code) and register it as a version of
+        ``model_name`` with the alias ``candidate``; returns ``(version, None)``.
 
-        Returns the version, or None when MLflow is unavailable (logged as a warning; the
-        checkpoint stays in storage and can be registered later)."""
+        A registered model holds one lineage: its tag ``cafm.dataset`` is the identity of the
+        data its first version was trained on, and a generator of other data (``dataset``)
+        is refused: ``(None, reason)``. ``(None, reason)`` too when MLflow is unavailable
+        (logged as a warning; the checkpoint stays in storage and can be registered later)."""
         if not self.flush():
             log.warning("MLflow unavailable: generator %s not registered as %r", checkpoint_dir, model_name)
-            return None
+            return None, f"MLflow unavailable ({self.last_error})"
         try:
+            try:
+                lineage = (self.client.get_registered_model(model_name).tags or {}).get(DATASET_TAG)
+            except mlflow.exceptions.MlflowException:
+                lineage = None  # a new registered model
+            if lineage is not None and lineage != dataset:
+                reason = (f"registered model {model_name!r} holds generators of dataset {lineage[:12]}; this one was "
+                          f"trained on {dataset[:12]}: another lineage, never its champion. Register it under "
+                          "another name (registered_model=...)")
+                log.warning("%s", reason)
+                return None, reason
             with mlflow.start_run(run_id=self._run_id(self._current())):
                 info = mlflow.pyfunc.log_model(
                     name="generator",
                     python_model=MLFLOW_MODEL_CODE,
                     artifacts={"checkpoint": checkpoint_dir},
                     pip_requirements=["torch", "safetensors", "numpy"],
+                    signature=generator_signature(checkpoint_dir),
                 )
-            version = mlflow.register_model(info.model_uri, model_name, tags=dict(tags or {})).version
+            version = mlflow.register_model(info.model_uri, model_name,
+                                            tags={**dict(tags or {}), DATASET_TAG: dataset}).version
+            if lineage is None:
+                self.client.set_registered_model_tag(model_name, DATASET_TAG, dataset)
             self.client.set_registered_model_alias(model_name, "candidate", version)
         except Exception as exc:  # noqa: BLE001 - the server went away between the flush and here
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("MLflow unavailable (%s): generator %s not registered as %r", self.last_error,
                         checkpoint_dir, model_name)
-            return None
-        return str(version)
-
-    def model_metric(self, model_name: str, alias: str, metric_tag: str) -> float | None:
-        try:
-            version = self.client.get_model_version_by_alias(model_name, alias)
-        except Exception:  # noqa: BLE001 - no such alias yet
-            return None
-        value = version.tags.get(metric_tag)
-        return float(value) if value is not None else None
-
-    def promote_if_better(self, model_name: str, version: str, metric_tag: str, value: float) -> bool:
-        """Tag ``version`` with its metric; move ``champion`` to it if lower than the champion's."""
-        self.client.set_model_version_tag(model_name, version, metric_tag, str(value))
-        champion = self.model_metric(model_name, "champion", metric_tag)
-        if champion is None or value < champion:
-            self.client.set_registered_model_alias(model_name, "champion", version)
-            return True
-        return False
+            return None, f"MLflow unavailable ({self.last_error})"
+        return str(version), None
 
 
-def default_tracking_uri(root: str) -> str:
-    """A local SQLite store beside the outputs when no server is configured."""
+def generator_signature(checkpoint_dir: str):
+    """The served generator's interface: a table with optional ``label`` and ``seed`` columns
+    (one row per image), params ``nfe``, ``method``, ``cfg_scale``; one flattened image per
+    row out (values in [-1, 1], shape ``sample_shape`` of the checkpoint's config)."""
+    import math
+
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from cafm_core.checkpoint import load_checkpoint
+    from cafm_core.models import config_from_dict
+
+    _, saved, _ = load_checkpoint(checkpoint_dir)  # verified; the config the generator is rebuilt from
+    config = config_from_dict(dict(saved))
+    return ModelSignature(
+        inputs=Schema([ColSpec("long", "label", required=False), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, math.prod(config.sample_shape)))]),
+        params=ParamSchema([ParamSpec("nfe", "long", 32), ParamSpec("method", "string", "heun"),
+                            ParamSpec("cfg_scale", "double", 1.0)]),
+    )
+
+
+DEFAULT_TRACKING_STORE = "outputs/mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """The MLflow store every flow and the CLI use unless told otherwise: ``MLFLOW_TRACKING_URI``
+    when set, else a SQLite file ``outputs/mlflow.db`` under the working directory."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    # beside local outputs; for remote storage, in ./outputs of the machine running the flow
-    base = Path(root if "://" not in root else "outputs").expanduser().resolve()
-    return f"sqlite:///{base / 'mlflow.db'}"
+    return f"sqlite:///{Path(DEFAULT_TRACKING_STORE).resolve()}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on a store (loopback only)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1"

@@ -76,6 +76,7 @@ def run_flow_matching(
     resume: bool = True,
     init_checkpoint: str | None = None,
     divergence: dict | None = None,
+    lineage: dict | None = None,
 ) -> dict:
     """FM pretraining on Ray Train; returns model_dir, history, final_metrics, steps, seconds, ray_checkpoint.
 
@@ -89,13 +90,15 @@ def run_flow_matching(
     metric or a loss/logit above ``max_abs`` rolls every worker back to the last checkpoint
     with learning rates times ``lr_factor``; after ``max_rollbacks`` it raises
     :class:`TrainingDiverged` (no checkpoint of the diverged state is ever written).
+    ``lineage`` (e.g. the training data's identity, ``{"dataset": ...}``) is recorded in the
+    generator's metadata, so that an evaluation can refuse a model of other data.
     """
     return _run(
         stage="fm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
         model_config=model_config, config_values=fm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, storage_path=storage_path,
-        run_name=run_name, resume=resume, divergence=divergence,
+        run_name=run_name, resume=resume, divergence=divergence, lineage=lineage,
     )
 
 
@@ -117,6 +120,7 @@ def run_cafm(
     resume: bool = True,
     curve: dict | None = None,
     divergence: dict | None = None,
+    lineage: dict | None = None,
 ) -> dict:
     """CAFM post-training on Ray Train from an FM generator checkpoint (its EMA weights).
 
@@ -135,7 +139,7 @@ def run_cafm(
         model_config=None, config_values=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, storage_path=storage_path,
-        run_name=run_name, resume=resume, curve=curve, divergence=divergence,
+        run_name=run_name, resume=resume, curve=curve, divergence=divergence, lineage=lineage,
     )
 
 
@@ -159,6 +163,7 @@ def _run(
     resume: bool,
     curve: dict | None = None,
     divergence: dict | None = None,
+    lineage: dict | None = None,
 ) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -207,7 +212,7 @@ def _run(
         # already done (e.g. an orchestrator retry): rebuild the outputs, train nothing
         logger.info("run %r is already at step %d; returning its last checkpoint", run_name, start_step)
         return _outputs(stage=stage, checkpoint=previous, checkpoints=checkpoints, output_dir=output_dir,
-                        start_step=start_step, seconds=0.0, returned=None)
+                        start_step=start_step, seconds=0.0, returned=None, lineage=lineage)
 
     # -- Ray --
     start_cluster(num_workers, cpus, bool(use_gpu))
@@ -257,7 +262,7 @@ def _run(
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name!r} finished without a checkpoint")
     return _outputs(stage=stage, checkpoint=result.checkpoint, checkpoints=checkpoints, output_dir=output_dir,
-                    start_step=start_step, seconds=seconds, returned=result.return_value)
+                    start_step=start_step, seconds=seconds, returned=result.return_value, lineage=lineage)
 
 
 def fit_with_storage_retries(make_trainer, run_name: str):
@@ -377,7 +382,7 @@ def _previous_run(
 
 def _outputs(
     *, stage: str, checkpoint, checkpoints: RunCheckpoints, output_dir: str, start_step: int, seconds: float,
-    returned: dict | None,
+    returned: dict | None, lineage: dict | None,
 ) -> dict:
     """Write the final generator (and discriminator) from a Ray checkpoint; build the result dict."""
     tensors, saved, saved_meta = load_ray_checkpoint(checkpoint)
@@ -387,7 +392,8 @@ def _outputs(
     generator = build_generator(model_config)
     load_state_dict_checked(generator, states["ema"])  # the EMA weights are the model
     out = Path(output_dir)
-    meta = {"stage": stage, "steps": steps_done, "run_name": checkpoints.run_name, "train_config": saved["train"]}
+    meta = {**(lineage or {}), "stage": stage, "steps": steps_done, "run_name": checkpoints.run_name,
+            "train_config": saved["train"]}
     model_dir = save_model(out / "generator", generator, ema_shadow=states["ema"], metadata=meta)
     returned = returned or {}
     full_history = list(returned.get("history") or saved_meta["history"])

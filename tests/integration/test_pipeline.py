@@ -1,6 +1,7 @@
 """The smoke pipeline end to end on real services: S3 (moto server on 127.0.0.1), an MLflow
 store, a 2-worker local Ray cluster, and Prefect's ephemeral API."""
 
+import json
 import os
 
 import boto3
@@ -103,6 +104,16 @@ def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(module_bucket, smo
     version = client.get_model_version_by_alias(params.registered_model, "candidate")
     assert str(version.version) == result["registered"]["version"]
 
+    # one protocol: the evaluation run, the registered version and its evaluation run carry its
+    # id; the first candidate of a new registered model becomes its champion
+    protocol_id = result["protocol_id"]
+    assert eval_run.data.tags["cafm.protocol_id"] == protocol_id
+    assert version.tags["cafm.protocol_id"] == protocol_id and len(version.tags["cafm.dataset"]) == 64
+    assert client.get_model_version_by_alias(params.registered_model, "champion").version == version.version
+    assert result["registered"]["champion"] is True
+    evaluations = client.search_runs([client.get_experiment_by_name("cafm-model-evaluation").experiment_id])
+    assert [r.data.tags["cafm.protocol_id"] for r in evaluations] == [protocol_id]
+
     # credentials never reach MLflow parameters or tags
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     for run in runs:
@@ -131,6 +142,13 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
     assert sorted(ranked) == sorted(["FM", "t00-generator_lr=1e-05"])
     assert outputs["best"] == "t00-generator_lr=1e-05"
     assert outputs["failed"] == [] and outputs["diverged"] == ["t01-generator_lr=10"]
+    assert outputs["protocol_id"] == smoke_run[1]["protocol_id"]  # the sweep's numbers compare with the pipeline's
+    # ... one to one: the FM generator's rows are the same through both evaluation paths
+    swept = json.loads(client.get_object(Bucket=bucket, Key="runs/it/sweep/it-sweep/sweep.json")["Body"].read())
+    scored = json.loads(client.get_object(Bucket=bucket, Key="runs/it/eval/out/metrics.json")["Body"].read())
+    fm_sweep = {(r["nfe"], r["seed"]): r["fd"] for r in swept["fm_rows"]}
+    fm_pipeline = {(r["nfe"], r["seed"]): r["fd"] for r in scored["rows"] if r["model"] == "FM"}
+    assert len(fm_sweep) == 2 and fm_sweep == pytest.approx(fm_pipeline, rel=1e-5)
     keys = _keys(bucket)
     for expected in ("report.md", "curves.png", "sweep.json", "_COMPLETE.json",
                      "trials/t00-generator_lr=1e-05/model/checkpoint.json", "trials/t01-generator_lr=10/diverged.json"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -197,12 +198,19 @@ def _alias(stack: Stack, alias: str) -> str:
     return MlflowClient(stack.config.mlflow_url).get_model_version_by_alias("cafm-generator", alias).version
 
 
-def _evaluation_runs(stack: Stack) -> list:
+def _evaluation_runs(stack: Stack, protocol_id: str | None = None) -> list:
+    """The registered versions' evaluation runs (under one protocol, when given)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(stack.config.mlflow_url)
     experiment = client.get_experiment_by_name("cafm-model-evaluation")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return [r for r in runs if protocol_id is None or r.data.tags.get("cafm.protocol_id") == protocol_id]
+
+
+def _protocol_id(report: str) -> str:
+    """The evaluation protocol's id, as the champion-vs-candidate report names it."""
+    return re.search(r"Evaluation protocol `([0-9a-f]{16})`", report).group(1)
 
 
 def _register_degraded_copy(stack: Stack, tmp_path: Path) -> str:
@@ -222,7 +230,10 @@ def _register_degraded_copy(stack: Stack, tmp_path: Path) -> str:
     save_checkpoint(tmp_path / "degraded", noisy, config, metadata)
     tracker = Tracker(stack.config.mlflow_url, "cafm-pipeline")
     with tracker.run("degraded-copy"):
-        return tracker.register_generator(str(tmp_path / "degraded"), "cafm-generator")
+        version, refused = tracker.register_generator(str(tmp_path / "degraded"), "cafm-generator",
+                                                      dataset=metadata["dataset"])
+    assert refused is None, refused
+    return version
 
 
 def test_scheduled_evaluation_publishes_trend_is_idempotent_fails_on_regression_and_promotes(stack, pipeline_run, tmp_path):
@@ -238,13 +249,14 @@ def test_scheduled_evaluation_publishes_trend_is_idempotent_fails_on_regression_
     artifacts = _artifacts(stack, first["id"])
     assert {"model-trend", "model-evaluation"} <= set(artifacts)
     assert [row["version"] for row in artifacts["model-trend"]["data"]] == ["1"]
-    [logged] = _evaluation_runs(stack)
+    protocol = _protocol_id(artifacts["model-evaluation"]["data"])
+    [logged] = _evaluation_runs(stack, protocol)
     series = MlflowClient(stack.config.mlflow_url).get_metric_history(logged.info.run_id, "fd")
     assert sorted(m.step for m in series) == [4, 8]  # the metric as a series over NFE
 
     again = _trigger(stack, "model-evaluation/scheduled", params)
     assert again["state"]["type"] == "COMPLETED"
-    assert len(_evaluation_runs(stack)) == 1  # same versions: nothing evaluated or logged again
+    assert len(_evaluation_runs(stack, protocol)) == 1  # same versions: nothing evaluated or logged again
 
     degraded = _register_degraded_copy(stack, tmp_path)
     assert _alias(stack, "candidate") == degraded == "2"
@@ -262,7 +274,7 @@ def test_scheduled_evaluation_publishes_trend_is_idempotent_fails_on_regression_
     assert _alias(stack, "champion") == "1"  # ... until the better candidate takes it
     trend = _artifacts(stack, promoted["id"])["model-trend"]["data"]
     assert [row["version"] for row in trend] == ["1", "2"] and trend[0]["role"] == "champion, candidate"
-    assert len(_evaluation_runs(stack)) == 2  # each version evaluated once in all
+    assert len(_evaluation_runs(stack, protocol)) == 2  # each version evaluated once in all
     for run_id in (first["id"], failed["id"], promoted["id"]):
         assert SECRET not in str(_artifacts(stack, run_id)) and SECRET not in _logs(stack, run_id)
 
@@ -355,6 +367,30 @@ def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stac
         time.sleep(1)  # let the cards finish rendering before the picture
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         picture = SCREENSHOT_DIR / "prefect-ui-evaluation-run.png"
+        assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_prefect_ui_shows_the_pipelines_sample_grid(stack, pipeline_run):
+    """The picture is where people look: the pipeline run's ``samples`` artifact is an image
+    the browser loads (inline PNG, not a storage URL it cannot open)."""
+    assert pipeline_run["state"]["type"] == "COMPLETED"
+    artifact = _artifacts(stack, pipeline_run["id"])["samples"]
+    assert artifact["type"] == "image" and artifact["data"].startswith("data:image/png;base64,")
+    driver, profile = _browser()
+    try:
+        driver.get(f"{stack.config.prefect_ui}/artifacts/artifact/{artifact['id']}")
+        script = ("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png') && i.complete)"
+                  ".map(i => i.naturalWidth)")
+        deadline, widths = time.monotonic() + 30, []
+        while not widths and time.monotonic() < deadline:
+            widths = driver.execute_script(script)
+            time.sleep(0.5)
+        assert widths and widths[0] > 100, widths  # decoded and laid out: the FM and CAFM grids beside real data
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        picture = SCREENSHOT_DIR / "prefect-ui-sample-grid.png"
         assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
     finally:
         driver.quit()

@@ -11,7 +11,8 @@ from cafm_core.evaluation import evaluate_samples
 from cafm_core.features import extract_features
 from tasks.dataset_format import load_for_evaluation
 from tasks.prepare import prepare_dataset
-from tasks.sample_scoring import PICTURED_PER_MODEL, streamed_image_metrics
+from cafm_core.protocol import PICTURED_IMAGES, SampleScorer
+from tasks.sample_scoring import score_sample_set
 from tasks.storage import Store
 
 
@@ -32,12 +33,11 @@ def test_streamed_image_metrics_equal_the_in_memory_ones(tmp_path):
 
     features = lambda x: extract_features(feature_net, x)  # noqa: E731
     real_features = features(dataset.data)
-    streamed, pictured = streamed_image_metrics(
-        store, urls, dataset, features=features, classifier=feature_net, real_features=real_features,
-        inception=None, real_inception=None, seed=3)
+    scorer = score_sample_set(store, urls, SampleScorer(dataset, feature_net=feature_net, real_features=real_features))
+    streamed, pictured = scorer.metrics(seed=3), scorer.first_samples()
     at_once = evaluate_samples(samples, dataset, features=features, classifier=feature_net, labels=labels,
                                real_features=real_features, seed=3)
     assert set(streamed) == set(at_once) == {"fd", "kid", "kid_std", "precision", "recall", "class_accuracy"}
     for key, value in at_once.items():
         assert streamed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-    assert torch.equal(pictured, samples[:PICTURED_PER_MODEL])
+    assert torch.equal(pictured, samples[:PICTURED_IMAGES])
