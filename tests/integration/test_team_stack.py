@@ -298,6 +298,14 @@ def _browser():
     return driver, profile
 
 
+def _screenshot(driver, name: str) -> Path:
+    """Save what the browser shows under ``SCREENSHOT_DIR`` (a real page, not a blank one)."""
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    picture = SCREENSHOT_DIR / name
+    assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
+    return picture
+
+
 def _click(driver, xpath: str, timeout_s: float = 30) -> None:
     """Click the element at ``xpath`` once it is clickable (the UI re-renders while loading)."""
     from selenium.common.exceptions import (
@@ -365,9 +373,7 @@ def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stac
             time.sleep(1)
         assert "model-trend" in _page_text(driver) and "model-evaluation" in _page_text(driver)
         time.sleep(1)  # let the cards finish rendering before the picture
-        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        picture = SCREENSHOT_DIR / "prefect-ui-evaluation-run.png"
-        assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
+        _screenshot(driver, "prefect-ui-evaluation-run.png")
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -389,9 +395,7 @@ def test_prefect_ui_shows_the_pipelines_sample_grid(stack, pipeline_run):
             widths = driver.execute_script(script)
             time.sleep(0.5)
         assert widths and widths[0] > 100, widths  # decoded and laid out: the FM and CAFM grids beside real data
-        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        picture = SCREENSHOT_DIR / "prefect-ui-sample-grid.png"
-        assert driver.save_screenshot(str(picture)) and picture.stat().st_size > 20_000
+        _screenshot(driver, "prefect-ui-sample-grid.png")
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
