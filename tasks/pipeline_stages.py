@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -41,7 +42,7 @@ from tasks.registry_evaluation import (
 from tasks.sample_scoring import score_samples
 from tasks.sampling import generate_sample_shards
 from tasks.stage_ledger import StageFolder
-from tasks.tracking import PROTOCOL_TAG, Tracker
+from tasks.tracking import PROTOCOL_TAG, Tracker, TrackingError
 from tasks.train.driver import run_cafm, run_flow_matching
 
 __all__ = ["evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
@@ -248,14 +249,22 @@ def register_and_promote(folder: StageFolder, tracking: RunTracking, protocol, r
         registered["not_registered"] = f"{refused}; the model is at {model_url}"
         registered["summary"] = f"Not registered: {registered['not_registered']}."
         return registered
-    evaluations = Tracker(tracker.tracking_uri, MODEL_EVALUATION_EXPERIMENT)
-    roles = alias_versions(evaluations, name)
-    cafm_rows = [{k: v for k, v in row.items() if k != "model"} for row in rows if row["model"] == "CAFM"]
-    headlines = {version: record_version_evaluation(evaluations, protocol, name, version, cafm_rows).headline}
-    champion = roles.get("champion")
-    if champion is not None and champion != version:
-        headlines[champion] = evaluate_version(evaluations, protocol, name, champion).headline
-    outcome = promote(evaluations, name, roles, headlines, rule, kind=protocol.kind)
+    try:
+        evaluations = Tracker(tracker.tracking_uri, MODEL_EVALUATION_EXPERIMENT)
+        roles = alias_versions(evaluations, name)
+        cafm_rows = [{k: v for k, v in row.items() if k != "model"} for row in rows if row["model"] == "CAFM"]
+        headlines = {version: record_version_evaluation(evaluations, protocol, name, version, cafm_rows).headline}
+        champion = roles.get("champion")
+        if champion is not None and champion != version:
+            headlines[champion] = evaluate_version(evaluations, protocol, name, champion).headline
+        outcome = promote(evaluations, name, roles, headlines, rule, kind=protocol.kind)
+    except (TrackingError, ValueError, MlflowException) as exc:  # ValueError includes CAFMInputError
+        # the candidate is registered and the model is on storage: the decision is left to the
+        # scheduled evaluation (or a rerun) rather than failing a finished training run
+        registered["summary"] = (f"`{name}` version {version} registered as candidate; promotion not decided: "
+                                 f"{str(exc)[:500]}")
+        stage_logger().warning("%s", registered["summary"])
+        return registered
     registered.update(champion=outcome.promoted, previous_champion=champion, headlines=headlines,
                       summary=f"`{name}` version {version} registered as candidate. {outcome.describe()}")
     stage_logger().info("%s", registered["summary"])
