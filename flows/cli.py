@@ -7,6 +7,8 @@
     cafm-pipeline sweep --set space.generator_lr=[1e-5,3e-5]   # CAFM sweep on Ray Tune
     cafm-pipeline replay-tracking --set run_name=digits   # send what MLflow missed (it was down)
     cafm-pipeline generate --model cafm-generator@champion --num 64 --nfe 32 --out samples/
+    cafm-pipeline list --run digits                        # the run's variants, newest first
+    cafm-pipeline remove --run digits --variant 1a2b3c4d5e6f7a8b   # delete one (shared stages stay)
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--label", type=int, help="one class for every image (default: cycle through the classes)")
     gen.add_argument("--out", required=True, help="folder for the PNGs, grid.png and generation.json")
     gen.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
+    listing = sub.add_parser("list", help="the variants of a run (or of every run): settings that differ, stage "
+                                          "status, headline metrics, newest first")
+    listing.add_argument("--run", help="run name (default: every run under storage_root)")
+    listing.add_argument("--storage-root", default=None, help="default: the profile's (outputs/runs)")
+    removal = sub.add_parser("remove", help="delete one variant of a run; stages another variant uses are kept")
+    removal.add_argument("--run", required=True)
+    removal.add_argument("--variant", required=True, help="a variant id from `cafm-pipeline list`")
+    removal.add_argument("--storage-root", default=None)
+    removal.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     show = sub.add_parser("params", help="print the parameters a run would use, as JSON")
     show.add_argument("--profile", choices=sorted(PROFILES), default="default")
     show.add_argument("--params")
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command in ("list", "remove"):
+        return _variants(args)
 
     try:
         params = build_params(args.profile, args.params, args.set,
@@ -150,6 +163,60 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _variants(args) -> int:
+    from flows.params import PipelineParams
+    from tasks.run_variants import list_variants, remove_variant
+    from tasks.storage import StorageError, Store
+
+    store = Store(args.storage_root or PipelineParams().storage_root)
+    try:
+        if args.command == "remove":
+            removed = remove_variant(store, store.url(args.run), args.run, args.variant, dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"{verb} {len(removed)} item(s) of variant {args.variant}:")
+            for url in removed:
+                print(f"  {url}")
+            return 0
+        runs = [args.run] if args.run else [url.rstrip("/").rsplit("/", 1)[-1] for url in store.list(store.root)]
+        shown = 0
+        for run in runs:
+            variants = list_variants(store, store.url(run))
+            if not variants:
+                continue
+            first = variants[-1]
+            print(f"run {run!r} ({store.url(run)}): {len(variants)} variant(s), newest first")
+            for record in variants:
+                shown += 1
+                _print_variant(store, run, record, first)
+        if not shown:
+            print(f"no recorded variants under {store.url(args.run) if args.run else store.root}")
+        return 0
+    except (StorageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _print_variant(store, run: str, record: dict, first: dict) -> None:
+    from tasks.run_variants import differences, stage_status
+
+    run_url = store.url(run)
+    changes = differences(record["params"], first["params"])
+    status = {stage: stage_status(store, run_url, run, stage, fp) for stage, fp in record["stages"].items()}
+    print(f"  {record['variant']}  {record['created_at'][:19]}  "
+          + ("first variant" if record is first or not changes else ", ".join(f"{k}={v}" for k, v in changes.items())))
+    print("      stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items()))
+    if status.get("eval") == "complete":
+        from tasks.stage_ledger import StageFolder
+
+        outputs = StageFolder(store.root, run_url, run, "eval", record["stages"]["eval"]).completed() or {}
+        rows = [r for r in outputs.get("summary", []) if r.get("cfg_scale") == 1.0]
+        if rows:
+            largest = max(r["nfe"] for r in rows)
+            metric = "fd" if "fd" in rows[0] else "sliced_wasserstein"
+            values = ", ".join(f"{r['model']} {r[metric]:.4g}" for r in rows if r["nfe"] == largest)
+            print(f"      {metric} at NFE {largest}: {values}")
 
 
 def _generate(args) -> int:

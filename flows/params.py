@@ -289,9 +289,10 @@ class ModelEvaluationParams(_Params):
     a held evaluation set. Credentials are not parameters (environment, as for the pipeline)."""
 
     registered_model: str = Field("cafm-generator", min_length=1, description="MLflow registered model name")
-    data_url: str = Field("outputs/runs/digits/data/out", min_length=1,
-                          description="the held evaluation set: a prepared dataset (a pipeline run's data/out folder, "
-                                      "local or s3://); keep it fixed so the trend compares like with like")
+    data_url: str = Field("outputs/runs/digits/data", min_length=1,
+                          description="the held evaluation set: a prepared dataset, or a pipeline run's data stage "
+                                      "folder (<run>/data: its one prepared dataset), local or s3://; keep it fixed "
+                                      "so the trend compares like with like")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else "
                                                        "outputs/mlflow.db (the same store as the pipeline's)")
     experiment: str = Field("cafm-model-evaluation", min_length=1)

@@ -42,13 +42,19 @@ def preflight(params: PipelineParams) -> dict:
 # flows and the sweep ------------------------------------------------------------------------
 
 
+def _cached(stage_task, layout: RunLayout):
+    """The stage task with its results persisted beside the run (Prefect's cache: a reused
+    stage shows as Cached)."""
+    return stage_task.with_options(result_storage=layout.result_storage)
+
+
 def prepare_stage(params: PipelineParams, layout: RunLayout, tracking: RunTracking) -> dict:
-    return prepare_task(layout.folder("data"), params.data.model_dump(), params.seed, tracking)
+    return _cached(prepare_task, layout)(layout.folder("data"), params.data.model_dump(), params.seed, tracking)
 
 
 def pretrain_stage(params: PipelineParams, layout: RunLayout, tracking: RunTracking, data: dict) -> dict:
-    return pretrain_task(layout.folder("fm"), data, params.model.model_dump(), params.fm.core_config(params.seed),
-                         params.compute.settings(), tracking)
+    return _cached(pretrain_task, layout)(layout.folder("fm"), data, params.model.model_dump(),
+                                          params.fm.core_config(params.seed), params.compute.settings(), tracking)
 
 
 def posttrain_stage(params: PipelineParams, layout: RunLayout, tracking: RunTracking, data: dict, fm: dict | None) -> dict:
@@ -56,14 +62,15 @@ def posttrain_stage(params: PipelineParams, layout: RunLayout, tracking: RunTrac
     if params.cafm.curve_samples:
         curve = {"method": params.sampling.method, "nfe": min(params.sampling.nfes),
                  "num_samples": params.cafm.curve_samples, "seed": params.seed}
-    return posttrain_task(layout.folder("cafm"), data, fm, params.cafm.core_config(params.seed),
-                          params.compute.settings(), tracking, init_checkpoint=params.cafm.init_checkpoint, curve=curve)
+    return _cached(posttrain_task, layout)(layout.folder("cafm"), data, fm, params.cafm.core_config(params.seed),
+                                           params.compute.settings(), tracking,
+                                           init_checkpoint=params.cafm.init_checkpoint, curve=curve)
 
 
 def sample_stage(params: PipelineParams, layout: RunLayout, data: dict, fm: dict, cafm: dict | None) -> dict:
     generators = {"fm": fm} if cafm is None else {"fm": fm, "cafm": cafm}
-    return sample_task(layout.folder("samples"), data, generators, params.sampling.evaluation(params.eval_seeds),
-                       params.compute.settings())
+    return _cached(sample_task, layout)(layout.folder("samples"), data, generators,
+                                        params.sampling.evaluation(params.eval_seeds), params.compute.settings())
 
 
 def evaluate_stage(params: PipelineParams, layout: RunLayout, tracking: RunTracking, data: dict, samples: dict,
@@ -72,9 +79,10 @@ def evaluate_stage(params: PipelineParams, layout: RunLayout, tracking: RunTrack
     if cafm is not None:
         registration = {"model_name": params.registered_model, "cafm": cafm, "rule": params.promotion.rule(),
                         "tags": {"run_name": params.run_name, "data": params.data.source}}
-    return evaluate_task(layout.folder("eval"), data, samples, params.sampling.evaluation(params.eval_seeds), tracking,
-                         logged=params.sampling.model_dump(), inception_weights=params.inception_weights,
-                         registration=registration)
+    return _cached(evaluate_task, layout)(layout.folder("eval"), data, samples,
+                                          params.sampling.evaluation(params.eval_seeds), tracking,
+                                          logged=params.sampling.model_dump(), inception_weights=params.inception_weights,
+                                          registration=registration)
 
 
 # ---- flows ---------------------------------------------------------------------------------
@@ -85,6 +93,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """The whole DAG; returns where the results are and the FM-vs-CAFM table."""
     preflight(params)
     layout = RunLayout(params)
+    variant = layout.record_variant()
     tracker = layout.tracking.tracker
     with tracker.run(f"pipeline-{params.run_name}", {"run_name": params.run_name, "storage_root": params.storage_root,
                                                      "seed": params.seed}, tags=layout.tracking.tags) as parent_id:
@@ -94,13 +103,16 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         cafm = posttrain_stage(params, layout, tracking, data, fm) if params.cafm.enabled else None
         samples = sample_stage(params, layout, data, fm, cafm)
         evaluation = evaluate_stage(params, layout, tracking, data, samples, cafm)
-    result = {"run_url": layout.base, "data": data["data_url"], "fm": fm["model_url"],
+    result = {"run_url": layout.base, "variant": layout.variant, "changes": variant["changes"],
+              "stages": layout.stage_fingerprints(), "data": data["data_url"], "fm": fm["model_url"],
               "cafm": cafm["model_url"] if cafm else None, "samples": samples["count"],
               "report": evaluation["report_url"], "table": evaluation["table"],
               "registered": evaluation["registered"], "protocol_id": evaluation.get("protocol_id"), "mlflow_run_id": parent_id,
               "prefect_flow_run_id": flow_run.get_id(),
               "tracking_uri": tracker.tracking_uri, "tracking_unlogged": layout.tracking.note_unlogged()}
     print(f"\n{evaluation['table']}\n")
+    print(f"variant {layout.variant} of run {params.run_name!r}; settings that differ from its first variant: "
+          f"{layout.tracking.variant_changes}  (all variants: cafm-pipeline list --run {params.run_name})")
     if evaluation["registered"]:
         print(evaluation["registered"]["summary"])
     print(f"results under {layout.base} (report: {evaluation['report_url']}); evaluation protocol "

@@ -1,17 +1,20 @@
 """One pipeline run's layout: each stage's folder and fingerprint, from the parameters.
 
-``<storage_root>/<run_name>/<stage>/`` holds a stage's outputs (``data``, ``fm``, ``cafm``,
-``samples``, ``eval``; ``sweep/<name>`` for sweeps; Ray Train's run directories under
-``ray/``). A stage's fingerprint hashes the parameters that change its outputs, chained
-with its inputs' fingerprints, so a changed setting invalidates exactly the stages
-downstream of it (``tasks.stage_ledger``).
+``<storage_root>/<run_name>/<stage>/<fingerprint>/`` holds a stage's outputs (``data``,
+``fm``, ``cafm``, ``samples``, ``eval``; ``sweep/<name>`` for sweeps; Ray Train's run
+directories under ``ray/``, Prefect's cached results under ``prefect-results/``, the
+variants' records under ``variants/``). A stage's fingerprint hashes the parameters that
+change its outputs, chained with its inputs' fingerprints, so a changed setting makes new
+folders for exactly the stages downstream of it and reuses the rest (``tasks.stage_ledger``).
+The evaluation's fingerprint names the run's *variant* (``tasks.run_variants``).
 """
 
 from __future__ import annotations
 
 from flows.params import PipelineParams
 from tasks.run_tracking import RunTracking
-from tasks.stage_ledger import StageFolder, fingerprint
+from tasks.run_variants import record_variant
+from tasks.stage_ledger import StageFolder, fingerprint, result_storage
 from tasks.storage import Store
 from tasks.tracking import default_tracking_uri
 
@@ -44,6 +47,30 @@ class RunLayout:
         samples = fingerprint(fm, cafm, p.sampling.model_dump(), p.eval_seeds)
         evaluation = fingerprint(samples, data, p.inception_weights)
         return {"data": data, "fm": fm, "cafm": cafm, "samples": samples, "eval": evaluation}[stage]
+
+    @property
+    def variant(self) -> str:
+        """The variant these parameters make: the evaluation stage's fingerprint."""
+        return self.fingerprint("eval")
+
+    def stage_fingerprints(self) -> dict[str, str]:
+        """The fingerprint of every stage these parameters run (CAFM only when enabled)."""
+        stages = [s for s in STAGES if s != "cafm" or self.params.cafm.enabled]
+        return {stage: self.fingerprint(stage) for stage in stages}
+
+    def record_variant(self) -> dict:
+        """Record this variant (once) and tag its tracking with it: its id and the settings
+        that differ from the run's first variant."""
+        record = record_variant(self.store, self.base, self.variant, self.params.model_dump(mode="json"),
+                                self.stage_fingerprints())
+        changes = ", ".join(f"{k}={v}" for k, v in record["changes"].items()) or "none (the run's first variant)"
+        self.tracking = self.tracking.with_variant(self.variant, changes)
+        return record
+
+    @property
+    def result_storage(self):
+        """Where the stage tasks' results are persisted (Prefect's cache): beside the run."""
+        return result_storage(self.store.root, self.base)
 
     def folder(self, stage: str) -> StageFolder:
         """The folder of one of :data:`STAGES`."""

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cafm_core.protocol import EvaluationProtocol
 from flows.params import ModelEvaluationParams
-from tasks.dataset_format import evaluation_protocol
+from tasks.dataset_format import evaluation_protocol, resolve_dataset_url
 from tasks.promotion import PromotionOutcome, promote
 from tasks.registry_evaluation import alias_versions, evaluate_version_task, trend
 from tasks.secrets import load_secret_blocks
@@ -36,7 +36,7 @@ def _report(params: ModelEvaluationParams, protocol: EvaluationProtocol, roles: 
             results: dict[str, dict], outcome: PromotionOutcome) -> str:
     watched = list(outcome.rule.watched)
     lines = [f"# {params.registered_model}: champion vs candidate", "",
-             f"Evaluation protocol `{protocol.id}`: held set `{params.data_url}` ({protocol.dataset_name}, "
+             f"Evaluation protocol `{protocol.id}`: held set `{protocol.data_url}` ({protocol.dataset_name}, "
              f"`{protocol.dataset[:12]}`), sampler {params.sampling.method}, NFE {params.sampling.nfes}, "
              f"{protocol.num_samples} samples, seeds {params.seeds}; headline = largest NFE without guidance.", "",
              "| role | version | " + " | ".join(watched) + " |",
@@ -59,7 +59,9 @@ def evaluate_registered(params: ModelEvaluationParams = ModelEvaluationParams())
     roles = alias_versions(tracker, params.registered_model)
     if not roles:
         raise ValueError(f"registered model {params.registered_model!r} has neither a 'champion' nor a 'candidate' alias")
-    protocol = evaluation_protocol(Store(params.data_url), params.data_url, **params.evaluation())
+    store = Store(params.data_url)
+    held_set = resolve_dataset_url(store, params.data_url)  # a run's data stage folder names its dataset
+    protocol = evaluation_protocol(store, held_set, **params.evaluation())
     logger.info("%s", protocol.describe())
     results = {
         version: evaluate_version_task(tracker.tracking_uri, params.experiment, params.registered_model, version,
@@ -80,7 +82,7 @@ def evaluate_registered(params: ModelEvaluationParams = ModelEvaluationParams())
         row["role"] = ", ".join(role for role, version in now.items() if version == row["version"])
     create_table_artifact(key="model-trend", table=history,
                           description=f"{params.registered_model}: headline metrics of every version evaluated under "
-                                      f"protocol {protocol.id} ({params.data_url})")
+                                      f"protocol {protocol.id} ({protocol.data_url})")
     report = _report(params, protocol, roles, results, outcome)
     create_markdown_artifact(key="model-evaluation", markdown=report, description="champion vs candidate")
     print(report)

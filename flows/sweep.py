@@ -53,7 +53,7 @@ def sweep_flow(params: SweepParams = SweepParams()) -> dict:
         fm = None
         if pipeline.cafm.init_checkpoint is None:  # else the trials start from that checkpoint
             fm = pretrain_stage(pipeline, layout, tracking, data)
-        outputs = sweep_task(
+        outputs = sweep_task.with_options(result_storage=layout.result_storage)(
             layout.sweep_folder(params.name, sweep_fingerprint), data, fm, _trial_specs(params),
             pipeline.sampling.evaluation(pipeline.eval_seeds), compute, tracking,
             init_checkpoint=pipeline.cafm.init_checkpoint, curve_setting=SamplerSetting(pipeline.sampling.method, params.curve_nfe, 1.0),

@@ -155,6 +155,26 @@ def write_manifest_and_mark_complete(store: Store, data_url: str, manifest: dict
 # ---- readers ------------------------------------------------------------------------------
 
 
+def resolve_dataset_url(store: Store, url: str) -> str:
+    """``url`` if it is a prepared dataset; else, for a pipeline run's data stage folder
+    (``<run>/data``, whose variants are ``<fingerprint>/out``), its one complete prepared
+    dataset. Several variants are ambiguous: the error lists them to choose from."""
+    if store.completed(url) is not None:
+        return url
+    found = []
+    for variant in store.list(url):
+        candidate = join_url(variant, "out")
+        if store.completed(candidate) is not None:
+            found.append(candidate)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise IncompleteOutputError(f"no complete prepared dataset at {url} (nor under {url}/<fingerprint>/out); "
+                                    "run the prepare stage for it")
+    raise CAFMInputError(f"{url} holds {len(found)} prepared datasets (one per data variant of the run); name one: "
+                         + ", ".join(found))
+
+
 def read_manifest(store: Store, data_url: str) -> dict:
     """The manifest of a complete prepared dataset (checked against ``_COMPLETE.json``)."""
     record = store.completed(data_url)

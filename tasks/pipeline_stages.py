@@ -23,7 +23,6 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 
 from cafm_core.models import MLPConfig, dit_config
 from cafm_core.plots import training_curves
@@ -41,12 +40,17 @@ from tasks.registry_evaluation import (
 )
 from tasks.sample_scoring import score_samples
 from tasks.sampling import generate_sample_shards
-from tasks.stage_ledger import StageFolder
+from tasks.stage_ledger import STAGE_CACHE, StageFolder
 from tasks.tracking import PROTOCOL_TAG, Tracker, TrackingError
 from tasks.train.driver import run_cafm, run_flow_matching
 
-__all__ = ["evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
+__all__ = ["STAGE_TASK", "evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
            "register_and_promote", "sample_task", "start_compute"]
+
+# every stage task: cached by its folder's fingerprint, its outputs persisted as JSON (the
+# flows set where: the run's own storage); a reused stage shows as Cached in the Prefect UI
+STAGE_TASK = {"cache_policy": STAGE_CACHE, "persist_result": True, "result_serializer": "json"}
+
 
 def start_compute(compute: dict) -> None:
     """Ray for the stage's workers (a local cluster, or ``RAY_ADDRESS``)."""
@@ -73,7 +77,7 @@ def _skipped(folder: StageFolder) -> dict | None:
     return done
 
 
-@task(name="prepare-dataset", cache_policy=NONE)
+@task(name="prepare-dataset", **STAGE_TASK)
 def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracking) -> dict:
     """Read, check and write the dataset (``data``: the pipeline's data settings)."""
     if (done := _skipped(folder)) is not None:
@@ -100,7 +104,7 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
     """What both training stages share: Ray, the MLflow run, the model on storage.
 
     ``run(scratch, **inputs)`` calls the stage's driver with the shard inputs; Ray Train
-    keeps its run directory (checkpoints) in ``<run>/ray/<run_name>-<stage>``."""
+    keeps its run directory (checkpoints) in ``<run>/ray/<run_name>-<stage>-<fingerprint>``."""
     tracker = tracking.tracker
     manifest = data["manifest"]
     start_compute(compute)
@@ -109,7 +113,7 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
             Path(scratch),
             shard_urls=shard_urls(folder.store, data["data_url"]), sample_shape=tuple(manifest["sample_shape"]),
             num_classes=manifest["num_classes"] if manifest["kind"] == "image" else 0,
-            storage_path=folder.store.join(folder.run_url, "ray"), run_name=f"{folder.run_name}-{folder.stage}",
+            storage_path=folder.store.join(folder.run_url, "ray"), run_name=folder.ray_run_name,
             output_dir=str(Path(scratch) / "out"), lineage=lineage(manifest), **compute,
         )
         # this stage run (a new MLflow run on every attempt) gets every row: those of an
@@ -126,7 +130,7 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
                             "resumed_from_step": result["resumed_from_step"]})
 
 
-@task(name="fm-pretrain", cache_policy=NONE)
+@task(name="fm-pretrain", **STAGE_TASK)
 def pretrain_task(folder: StageFolder, data: dict, model: dict, fm_config: dict, compute: dict,
                   tracking: RunTracking) -> dict:
     """FM pretraining on the prepared data (``data``: the prepare stage's outputs)."""
@@ -140,7 +144,7 @@ def pretrain_task(folder: StageFolder, data: dict, model: dict, fm_config: dict,
     return _train(folder, data, compute, tracking, fm_config, run)
 
 
-@task(name="cafm-posttrain", cache_policy=NONE)
+@task(name="cafm-posttrain", **STAGE_TASK)
 def posttrain_task(folder: StageFolder, data: dict, fm: dict | None, cafm_config: dict, compute: dict,
                    tracking: RunTracking, *, init_checkpoint: str | None = None, curve: dict | None = None) -> dict:
     """CAFM post-training from the FM stage's generator (``fm``: its outputs), or from
@@ -177,7 +181,7 @@ def _log_curves(folder: StageFolder, tracking: RunTracking, history: list[dict])
                   description=f"CAFM post-training: {metric} of the generator and its EMA on a fixed sample")
 
 
-@task(name="sample", cache_policy=NONE)
+@task(name="sample", **STAGE_TASK)
 def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], evaluation: dict, compute: dict) -> dict:
     """Samples of every generator (``generators``: name -> its training stage's outputs) under
     the evaluation protocol of the prepared data (``evaluation``: its settings, seeds, sample
@@ -201,7 +205,7 @@ def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], ev
                             "protocol_id": protocol.id})
 
 
-@task(name="evaluate", cache_policy=NONE)
+@task(name="evaluate", **STAGE_TASK)
 def evaluate_task(folder: StageFolder, data: dict, samples: dict, evaluation: dict, tracking: RunTracking, *,
                   logged: dict, inception_weights: str | None = None, registration: dict | None = None) -> dict:
     """Metrics of every generator's samples under the evaluation protocol, the report, the
@@ -226,6 +230,9 @@ def evaluate_task(folder: StageFolder, data: dict, samples: dict, evaluation: di
             registered = register_and_promote(folder, tracking, protocol, result["rows"], data, registration)
     tracking.note_unlogged()
     report = result["report"] + (f"\n## Registry\n\n{registered['summary']}\n" if registered else "")
+    if tracking.variant is not None:
+        report += (f"\n## Variant\n\nVariant `{tracking.variant}` of run `{folder.run_name}`; settings that differ "
+                   f"from the run's first variant: {tracking.variant_changes}.\n")
     create_markdown_artifact(key="fm-vs-cafm", markdown=report, description=f"FM vs CAFM, protocol {protocol.id}")
     publish_image("samples", result["picture_png"], description="FM and CAFM samples beside real data",
                   storage_url=folder.join("out", "samples.png"))

@@ -20,9 +20,11 @@ from prefect.exceptions import MissingContextError
 from tasks.storage import Store
 from tasks.tracking import OWNER_PID_TAG, Tracker, owner_state
 
-__all__ = ["RUN_URL_TAG", "UNLOGGED_FILE", "RunTracking", "stage_logger"]
+__all__ = ["RUN_URL_TAG", "UNLOGGED_FILE", "VARIANT_CHANGES_TAG", "VARIANT_TAG", "RunTracking", "stage_logger"]
 
 RUN_URL_TAG = "cafm.run_url"
+VARIANT_TAG = "cafm.variant"
+VARIANT_CHANGES_TAG = "cafm.variant_changes"
 UNLOGGED_FILE = "tracking_unlogged.json"
 
 _TRACKERS: dict[tuple[str, str], Tracker] = {}
@@ -45,6 +47,8 @@ class RunTracking:
     store_root: str
     run_url: str
     parent_run_id: str | None = None
+    variant: str | None = None  # the run's variant (its evaluation fingerprint)
+    variant_changes: str | None = None  # the settings that differ from the run's first variant
 
     @property
     def tracker(self) -> Tracker:
@@ -56,8 +60,14 @@ class RunTracking:
 
     @property
     def tags(self) -> dict[str, str]:
-        """Tags of every MLflow run of this pipeline run."""
-        return {RUN_URL_TAG: self.run_url}
+        """Tags of every MLflow run of this pipeline run (and of its variant)."""
+        tags = {RUN_URL_TAG: self.run_url}
+        if self.variant is not None:
+            tags.update({VARIANT_TAG: self.variant, VARIANT_CHANGES_TAG: self.variant_changes or ""})
+        return tags
+
+    def with_variant(self, variant: str, changes: str) -> RunTracking:
+        return replace(self, variant=variant, variant_changes=changes)
 
     def under(self, parent_run_id: str | None) -> RunTracking:
         """The same tracking with MLflow runs nested under ``parent_run_id``."""

@@ -11,7 +11,6 @@ import io
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 
 from cafm_core.evaluation import (
     SamplerSetting,
@@ -22,7 +21,7 @@ from cafm_core.evaluation import (
     summarise_over_seeds,
 )
 from cafm_core.plots import training_curves
-from tasks.pipeline_stages import start_compute
+from tasks.pipeline_stages import STAGE_TASK, start_compute
 from tasks.dataset_format import evaluation_protocol
 from tasks.prefect_artifacts import publish_image
 from tasks.run_tracking import RunTracking, stage_logger
@@ -33,7 +32,7 @@ from tasks.sweep import run_sweep
 __all__ = ["sweep_task"]
 
 
-@task(name="cafm-sweep", cache_policy=NONE)
+@task(name="cafm-sweep", **STAGE_TASK)
 def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[dict], evaluation: dict,
                compute: dict, tracking: RunTracking, *, init_checkpoint: str | None = None,
                curve_setting: SamplerSetting, curve_every: int, curve_samples: int,
@@ -121,7 +120,7 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
                              description="CAFM sweep: FM vs every trial at identical sampler settings")
     publish_image("sweep-curves", picture, description="diagnostic curves of every trial",
                   storage_url=folder.join("curves.png"))
-    outputs = {"report_url": folder.join("report.md"), "table": table, "ranking": ranking,
+    outputs = {"url": folder.url, "report_url": folder.join("report.md"), "table": table, "ranking": ranking,
                "best": next((model for model, _ in ranking if model != "FM"), None), "failed": failed,
                "diverged": sorted(diverged), "protocol_id": protocol.id}
     if not failed:  # a sweep with failed trials is reported but not marked complete: a rerun retries it

@@ -77,11 +77,13 @@ def test_smoke_pipeline_on_s3_with_mlflow_and_two_ray_workers(module_bucket, smo
 
     bucket = module_bucket.removeprefix("s3://")
     keys = _keys(bucket)
-    for expected in ("runs/it/data/_COMPLETE.json", "runs/it/fm/model/checkpoint.json", "runs/it/cafm/model/checkpoint.json",
-                     "runs/it/samples/_COMPLETE.json", "runs/it/eval/out/report.md", "runs/it/eval/out/samples.png",
-                     "runs/it/eval/_COMPLETE.json"):
+    stage = {name: f"runs/it/{name}/{fp}" for name, fp in result["stages"].items()}  # addressed by what made them
+    for expected in (f"{stage['data']}/_COMPLETE.json", f"{stage['fm']}/model/checkpoint.json",
+                     f"{stage['cafm']}/model/checkpoint.json", f"{stage['samples']}/_COMPLETE.json",
+                     f"{stage['eval']}/out/report.md", f"{stage['eval']}/out/samples.png", f"{stage['eval']}/_COMPLETE.json",
+                     f"runs/it/variants/{result['variant']}.json"):
         assert expected in keys, expected
-    assert any(k.startswith("runs/it/data/out/shards/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith(f"{stage['data']}/out/shards/") and k.endswith(".parquet") for k in keys)
     assert "| FM |" in result["table"] and "| CAFM |" in result["table"]
 
     # the run graph shows the DAG: each stage's task takes its inputs from the upstream tasks
@@ -129,10 +131,11 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
     from flows.params import SweepParams
     from flows.sweep import sweep_flow
 
-    params, _, tracking_uri = smoke_run
+    params, result, tracking_uri = smoke_run
     bucket = module_bucket.removeprefix("s3://")
     client = boto3.client("s3")
-    fm_done = client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"]
+    fm_marker = f"runs/it/fm/{result['stages']['fm']}/_COMPLETE.json"
+    fm_done = client.head_object(Bucket=bucket, Key=fm_marker)["LastModified"]
     # generator lr 10 diverges within a few generator steps: reported as such, not a failure
     sweep = SweepParams(pipeline=params, name="it-sweep", space={"generator_lr": [1e-5, 10.0]},
                         curve_every=20, curve_samples=64, curve_nfe=4)
@@ -144,20 +147,23 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
     assert outputs["failed"] == [] and outputs["diverged"] == ["t01-generator_lr=10"]
     assert outputs["protocol_id"] == smoke_run[1]["protocol_id"]  # the sweep's numbers compare with the pipeline's
     # ... one to one: the FM generator's rows are the same through both evaluation paths
-    swept = json.loads(client.get_object(Bucket=bucket, Key="runs/it/sweep/it-sweep/sweep.json")["Body"].read())
-    scored = json.loads(client.get_object(Bucket=bucket, Key="runs/it/eval/out/metrics.json")["Body"].read())
+    sweep_prefix = outputs["url"].removeprefix(f"s3://{bucket}/")
+    assert sweep_prefix.startswith("runs/it/sweep/it-sweep/")
+    swept = json.loads(client.get_object(Bucket=bucket, Key=f"{sweep_prefix}/sweep.json")["Body"].read())
+    scored = json.loads(client.get_object(Bucket=bucket, Key=f"runs/it/eval/{result['stages']['eval']}/out/metrics.json")
+                        ["Body"].read())
     fm_sweep = {(r["nfe"], r["seed"]): r["fd"] for r in swept["fm_rows"]}
     fm_pipeline = {(r["nfe"], r["seed"]): r["fd"] for r in scored["rows"] if r["model"] == "FM"}
     assert len(fm_sweep) == 2 and fm_sweep == pytest.approx(fm_pipeline, rel=1e-5)
     keys = _keys(bucket)
     for expected in ("report.md", "curves.png", "sweep.json", "_COMPLETE.json",
                      "trials/t00-generator_lr=1e-05/model/checkpoint.json", "trials/t01-generator_lr=10/diverged.json"):
-        assert f"runs/it/sweep/it-sweep/{expected}" in keys, expected
+        assert f"{sweep_prefix}/{expected}" in keys, expected
     assert "trials/t01-generator_lr=10/model/checkpoint.json" not in keys  # a diverged generator is not kept
-    report = client.get_object(Bucket=bucket, Key="runs/it/sweep/it-sweep/report.md")["Body"].read().decode()
+    report = client.get_object(Bucket=bucket, Key=f"{sweep_prefix}/report.md")["Body"].read().decode()
     assert "`t01-generator_lr=10`: {'generator_lr': 10.0} (**diverged** at step" in report
     # the FM stage was found complete, not retrained
-    assert client.head_object(Bucket=bucket, Key="runs/it/fm/_COMPLETE.json")["LastModified"] == fm_done
+    assert client.head_object(Bucket=bucket, Key=fm_marker)["LastModified"] == fm_done
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(params.experiment)
@@ -176,3 +182,69 @@ def test_sweep_reuses_the_fm_stage_and_tracks_every_trial(module_bucket, smoke_r
 
     # a rerun finds the sweep complete and returns the same table without training
     assert sweep_flow(sweep)["table"] == outputs["table"]
+
+
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    """Each task run of a flow run (by task name) -> its final state's name (Completed, Cached, ...)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def test_changing_one_setting_reuses_every_stage_it_does_not_change(module_bucket, smoke_run, capsys):
+    """The researcher's loop: change a CAFM setting, then a sampler setting, and rerun under
+    the same run name. Upstream stages are reused (their markers untouched, shown as Cached
+    in Prefect), the changed stages get new folders beside the old ones, both evaluations stay
+    readable, and ``cafm-pipeline list`` shows the variants with what differs."""
+    from flows.cli import main as cli
+    from flows.pipeline import pipeline
+
+    params, first, _ = smoke_run
+    bucket = module_bucket.removeprefix("s3://")
+    s3 = boto3.client("s3")
+
+    def marker(stage: str, result: dict) -> str:
+        return f"runs/it/{stage}/{result['stages'][stage]}/_COMPLETE.json"
+
+    def modified(key: str):
+        return s3.head_object(Bucket=bucket, Key=key)["LastModified"]
+
+    before = {stage: modified(marker(stage, first)) for stage in ("data", "fm", "cafm")}
+    shorter = params.model_copy(update={"cafm": params.cafm.model_copy(update={"steps": 40})})
+    second = pipeline(shorter)
+    assert second["variant"] != first["variant"] and second["changes"] == {"cafm.steps": 40}
+    assert second["stages"]["data"] == first["stages"]["data"] and second["stages"]["fm"] == first["stages"]["fm"]
+    assert second["stages"]["cafm"] != first["stages"]["cafm"]
+    assert {stage: modified(marker(stage, first)) for stage in ("data", "fm", "cafm")} == before  # nothing redone
+    states = _task_states(second["prefect_flow_run_id"])
+    assert states["prepare-dataset"] == states["fm-pretrain"] == "Cached", states
+    assert states["cafm-posttrain"] == "Completed", states
+    for result in (first, second):  # both evaluations readable, side by side
+        report = s3.get_object(Bucket=bucket, Key=f"runs/it/eval/{result['stages']['eval']}/out/report.md")
+        assert "| CAFM |" in report["Body"].read().decode()
+
+    cafm_done = modified(marker("cafm", second))
+    ray_dirs = {k.split("/")[3] for k in _keys(bucket) if k.startswith("runs/it/ray/")}
+    fewer_nfes = shorter.model_copy(update={"sampling": shorter.sampling.model_copy(update={"nfes": [8]})})
+    third = pipeline(fewer_nfes)
+    assert third["stages"]["cafm"] == second["stages"]["cafm"] and modified(marker("cafm", second)) == cafm_done
+    assert {k.split("/")[3] for k in _keys(bucket) if k.startswith("runs/it/ray/")} == ray_dirs  # no training
+    assert third["stages"]["samples"] != second["stages"]["samples"]
+    states = _task_states(third["prefect_flow_run_id"])
+    assert states["fm-pretrain"] == states["cafm-posttrain"] == "Cached" and states["sample"] == "Completed", states
+
+    assert pipeline(fewer_nfes)["variant"] == third["variant"]  # an unchanged rerun is the same variant
+    assert cli(["list", "--run", "it", "--storage-root", params.storage_root]) == 0
+    listing = capsys.readouterr().out
+    assert "3 variant(s)" in listing and "cafm.steps=40" in listing and "sampling.nfes=[8]" in listing
+    assert listing.index(third["variant"]) < listing.index(second["variant"]) < listing.index(first["variant"])
+
+    # removing the CAFM variant keeps everything the others use
+    assert cli(["remove", "--run", "it", "--variant", second["variant"], "--storage-root", params.storage_root]) == 0
+    keys = _keys(bucket)
+    assert marker("fm", first) in keys and marker("cafm", second) in keys  # the third variant uses that CAFM
+    assert f"runs/it/eval/{second['stages']['eval']}/_COMPLETE.json" not in keys
+    assert f"runs/it/variants/{second['variant']}.json" not in keys

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = f"e2e-secret-{uuid.uuid4().hex}"  # moto accepts any key pair; this one must never show up
-RUN_NAME = "digits"  # the evaluation deployment's default held set is <root>/digits/data/out
+RUN_NAME = "digits"  # the evaluation deployment's default held set is <root>/digits/data (its one dataset)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = Path(os.environ.get("CAFM_SCREENSHOT_DIR", REPO / "outputs" / "screenshots"))
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -49,7 +49,7 @@ def _pipeline_params(root: str) -> dict:
 
 
 def _eval_params(root: str) -> dict:
-    return {"data_url": f"{root}/{RUN_NAME}/data/out", "seeds": [0], "sampling": {"nfes": [4, 8], "num_samples": 256}}
+    return {"data_url": f"{root}/{RUN_NAME}/data", "seeds": [0], "sampling": {"nfes": [4, 8], "num_samples": 256}}
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,10 @@ def test_pipeline_deployment_runs_to_completed_with_results_in_mlflow_and_the_bu
 
     assert pipeline_run["state"]["type"] == "COMPLETED", (pipeline_run["state"], _logs(stack, pipeline_run["id"])[-3000:])
     keys = _keys(stack)
-    for expected in ("data/_COMPLETE.json", "fm/model/checkpoint.json", "cafm/model/checkpoint.json",
-                     "samples/_COMPLETE.json", "eval/out/report.md", "eval/_COMPLETE.json"):
-        assert f"runs/{RUN_NAME}/{expected}" in keys, expected
+    for stage, expected in (("data", "_COMPLETE.json"), ("fm", "model/checkpoint.json"), ("cafm", "model/checkpoint.json"),
+                            ("samples", "_COMPLETE.json"), ("eval", "out/report.md"), ("eval", "_COMPLETE.json")):
+        pattern = re.compile(rf"runs/{RUN_NAME}/{stage}/[0-9a-f]{{16}}/{re.escape(expected)}")  # <stage>/<fingerprint>/
+        assert any(pattern.fullmatch(k) for k in keys), (stage, expected)
     # MLflow's artifacts are on the bucket too (served through the tracking server)
     assert any(k.startswith("mlflow/") and k.endswith("samples.png") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("checkpoint.json") for k in keys)  # the registered generator
