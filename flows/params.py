@@ -119,6 +119,9 @@ class FMParams(_Params):
 class CAFMParams(_Params):
     enabled: bool = True
     init_checkpoint: str | None = Field(None, description="start from this FM checkpoint URL instead of this run's FM stage")
+    from_scratch: bool = Field(False, description="train the generator with CAFM alone, from a fresh initialisation "
+                                                  "(the discriminator built from it); no FM checkpoint is read. The "
+                                                  "FM stage still runs, as the comparison")
     steps: int = Field(_cafm("steps"), ge=1, description="optimisation steps of either network, warmup included")
     warmup_steps: int = Field(_cafm("warmup_steps"), ge=0, description="discriminator-only steps first")
     discriminator_steps: int = Field(_cafm("discriminator_steps"), ge=1, description="N: discriminator steps per generator step")
@@ -137,6 +140,13 @@ class CAFMParams(_Params):
                                                  "logit-normal around t = 0.27 on digits)")
     curve_samples: int = Field(256, ge=0, description="diagnostic curve: samples per point at each report, at the smallest sampling NFE (0: off)")
 
+    @model_validator(mode="after")
+    def _one_start(self) -> CAFMParams:
+        if self.from_scratch and self.init_checkpoint is not None:
+            raise ValueError("cafm.from_scratch and cafm.init_checkpoint exclude each other: start from scratch or "
+                             "from a checkpoint")
+        return self
+
     @field_validator("curve_samples")
     @classmethod
     def _curve_size(cls, value: int) -> int:
@@ -146,7 +156,7 @@ class CAFMParams(_Params):
 
     def core_config(self, seed: int) -> dict:
         """The ``cafm_core.training.CAFMConfig`` fields (plain values) these parameters give."""
-        return {**self.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint", "curve_samples"}),
+        return {**self.model_dump(exclude={"time_sampler", "enabled", "init_checkpoint", "from_scratch", "curve_samples"}),
                 "time_sampler": self.time_sampler.model_dump(), "seed": seed}
 
 
@@ -305,7 +315,7 @@ class ModelEvaluationParams(_Params):
         return self.sampling.evaluation(self.seeds)
 
 
-_SWEEP_EXCLUDED = {"enabled", "init_checkpoint", "curve_samples"}
+_SWEEP_EXCLUDED = {"enabled", "init_checkpoint", "from_scratch", "curve_samples"}
 
 
 def _sweepable_keys() -> set[str]:

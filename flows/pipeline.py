@@ -62,9 +62,10 @@ def posttrain_stage(params: PipelineParams, layout: RunLayout, tracking: RunTrac
     if params.cafm.curve_samples:
         curve = {"method": params.sampling.method, "nfe": min(params.sampling.nfes),
                  "num_samples": params.cafm.curve_samples, "seed": params.seed}
-    return _cached(posttrain_task, layout)(layout.folder("cafm"), data, fm, params.cafm.core_config(params.seed),
-                                           params.compute.settings(), tracking,
-                                           init_checkpoint=params.cafm.init_checkpoint, curve=curve)
+    start = {"from_scratch": params.model.model_dump()} if params.cafm.from_scratch else {}
+    return _cached(posttrain_task, layout)(layout.folder("cafm"), data, None if params.cafm.from_scratch else fm,
+                                           params.cafm.core_config(params.seed), params.compute.settings(), tracking,
+                                           init_checkpoint=params.cafm.init_checkpoint, curve=curve, **start)
 
 
 def sample_stage(params: PipelineParams, layout: RunLayout, data: dict, fm: dict, cafm: dict | None) -> dict:
@@ -139,7 +140,7 @@ def pretrain_flow(params: PipelineParams = PipelineParams()) -> dict:
 def posttrain_flow(params: PipelineParams = PipelineParams()) -> dict:
     preflight(params)
     layout = RunLayout(params)
-    fm = None if params.cafm.init_checkpoint else layout.folder("fm").require()
+    fm = None if params.cafm.init_checkpoint or params.cafm.from_scratch else layout.folder("fm").require()
     return posttrain_stage(params, layout, layout.tracking, layout.folder("data").require(), fm)
 
 

@@ -42,8 +42,10 @@ class RunLayout:
         p = self.params
         data = fingerprint(p.data.model_dump(), p.seed)
         fm = fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
-        cafm = fingerprint(fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint,
-                           p.cafm.model_dump(exclude={"curve_samples"}))  # the curve changes no weight
+        start = fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint
+        if p.cafm.from_scratch:  # no FM generator involved: the data, the model and the seed
+            start = fingerprint(data, p.model.model_dump(), p.compute.num_workers)
+        cafm = fingerprint(start, p.cafm.model_dump(exclude={"curve_samples"}))  # the curve changes no weight
         samples = fingerprint(fm, cafm, p.sampling.model_dump(), p.eval_seeds)
         evaluation = fingerprint(samples, data, p.inception_weights)
         return {"data": data, "fm": fm, "cafm": cafm, "samples": samples, "eval": evaluation}[stage]

@@ -146,26 +146,32 @@ def pretrain_task(folder: StageFolder, data: dict, model: dict, fm_config: dict,
 
 @task(name="cafm-posttrain", **STAGE_TASK)
 def posttrain_task(folder: StageFolder, data: dict, fm: dict | None, cafm_config: dict, compute: dict,
-                   tracking: RunTracking, *, init_checkpoint: str | None = None, curve: dict | None = None) -> dict:
+                   tracking: RunTracking, *, init_checkpoint: str | None = None, curve: dict | None = None,
+                   from_scratch: dict | None = None) -> dict:
     """CAFM post-training from the FM stage's generator (``fm``: its outputs), or from
-    ``init_checkpoint`` (a checkpoint URL) when given. ``curve`` (``method``, ``nfe``,
+    ``init_checkpoint`` (a checkpoint URL) when given, or from a freshly initialised generator
+    when ``from_scratch`` holds the model settings (no checkpoint is read). ``curve`` (``method``, ``nfe``,
     ``num_samples``, ``seed``) adds the diagnostic curve to every report."""
     if (done := _skipped(folder)) is not None:
         return done
-    init_url = init_checkpoint or (fm or {}).get("model_url")
-    if init_url is None:
-        raise ValueError("CAFM post-training needs the FM stage's outputs or an init_checkpoint URL")
+    init_url = None if from_scratch is not None else init_checkpoint or (fm or {}).get("model_url")
+    if init_url is None and from_scratch is None:
+        raise ValueError("CAFM post-training needs the FM stage's outputs, an init_checkpoint URL, or from_scratch")
     curve_spec = {**curve, "store_root": folder.store_root, "data_url": data["data_url"]} if curve else None
 
     def run(scratch: Path, **inputs) -> dict:
-        init_dir = scratch / "init"
-        folder.store.download_dir(init_url, str(init_dir))
-        result = run_cafm(init_checkpoint=str(init_dir), cafm_config=cafm_config, curve=curve_spec, **inputs)
+        if from_scratch is not None:
+            start = {"init_checkpoint": None, "model_config": model_config_for(from_scratch, data["manifest"])}
+        else:
+            folder.store.download_dir(init_url, str(scratch / "init"))
+            start = {"init_checkpoint": str(scratch / "init")}
+        result = run_cafm(cafm_config=cafm_config, curve=curve_spec, **start, **inputs)
         if curve_spec is not None:
             _log_curves(folder, tracking, result["history"])
         return result
 
-    logged = {**cafm_config, "init_checkpoint": init_url, "curve_samples": curve["num_samples"] if curve else 0}
+    logged = {**cafm_config, "init_checkpoint": init_url, "from_scratch": from_scratch is not None,
+              "curve_samples": curve["num_samples"] if curve else 0}
     return _train(folder, data, compute, tracking, logged, run)
 
 

@@ -14,6 +14,7 @@ when it is down the model is not registered and the evaluation stage says so.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -35,6 +36,7 @@ SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "ap
 MLFLOW_MODEL_CODE = str(Path(__file__).with_name("registry_model.py"))
 PROTOCOL_TAG = "cafm.protocol_id"  # on every evaluation run and registered version: the protocol its numbers belong to
 DATASET_TAG = "cafm.dataset"  # on registered models and versions: the identity of the data they were trained on
+WEIGHTS_TAG = "cafm.weights"  # on registered versions: sha256 of the checkpoint's checksum marker (one version per weights)
 
 
 OWNER_HOST_TAG, OWNER_PID_TAG = "cafm.host", "cafm.pid"
@@ -377,7 +379,9 @@ class Tracker:
     def register_generator(self, checkpoint_dir: str, model_name: str, *, dataset: str,
                            tags: Mapping | None = None) -> tuple[str | None, str | None]:
         """Log the generator as a pyfunc model (from code) and register it as a version of
-        ``model_name`` with the alias ``candidate``; returns ``(version, None)``.
+        ``model_name`` with the alias ``candidate``; returns ``(version, None)``. Weights that
+        are registered already (same checksums) are not registered again: their version
+        becomes the candidate.
 
         A registered model holds one lineage: its tag ``cafm.dataset`` is the identity of the
         data its first version was trained on, and a generator of other data (``dataset``)
@@ -397,6 +401,13 @@ class Tracker:
                           "another name (registered_model=...)")
                 log.warning("%s", reason)
                 return None, reason
+            weights = hashlib.sha256((Path(checkpoint_dir) / "checkpoint.json").read_bytes()).hexdigest()
+            same = [v for v in self.client.search_model_versions(f"name='{model_name}'")
+                    if (v.tags or {}).get(WEIGHTS_TAG) == weights] if lineage is not None else []
+            if same:  # these exact weights are registered already (e.g. a sampler-only variant): reuse it
+                version = str(min(int(v.version) for v in same))
+                self.client.set_registered_model_alias(model_name, "candidate", version)
+                return version, None
             with mlflow.start_run(run_id=self._run_id(self._current())):
                 info = mlflow.pyfunc.log_model(
                     name="generator",
@@ -406,7 +417,7 @@ class Tracker:
                     signature=generator_signature(checkpoint_dir),
                 )
             version = mlflow.register_model(info.model_uri, model_name,
-                                            tags={**dict(tags or {}), DATASET_TAG: dataset}).version
+                                            tags={**dict(tags or {}), DATASET_TAG: dataset, WEIGHTS_TAG: weights}).version
             if lineage is None:
                 self.client.set_registered_model_tag(model_name, DATASET_TAG, dataset)
             self.client.set_registered_model_alias(model_name, "candidate", version)

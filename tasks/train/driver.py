@@ -107,7 +107,7 @@ def run_cafm(
     shard_urls: list[str],
     sample_shape: tuple[int, ...],
     num_classes: int,
-    init_checkpoint: str,
+    init_checkpoint: str | None,
     cafm_config: dict,
     output_dir: str,
     num_workers: int = 2,
@@ -121,8 +121,11 @@ def run_cafm(
     curve: dict | None = None,
     divergence: dict | None = None,
     lineage: dict | None = None,
+    model_config: dict | None = None,
 ) -> dict:
-    """CAFM post-training on Ray Train from an FM generator checkpoint (its EMA weights).
+    """CAFM post-training on Ray Train from an FM generator checkpoint (its EMA weights), or
+    CAFM training from scratch: ``init_checkpoint=None`` with ``model_config`` (a freshly
+    initialised generator; nothing is read from a checkpoint).
 
     The discriminator is ``discriminator_from_generator`` of that generator. Returns the
     same keys as :func:`run_flow_matching` plus ``discriminator_dir``. ``curve`` (optional:
@@ -132,11 +135,12 @@ def run_cafm(
     ``sliced_wasserstein_*`` for points), computed on rank 0; the history's first row is
     the starting point.
     """
-    if init_checkpoint is None:
-        raise ValueError("run_cafm needs init_checkpoint: a local directory holding the FM generator")
+    if (init_checkpoint is None) == (model_config is None):
+        raise ValueError("run_cafm needs either init_checkpoint (a local directory holding the FM generator) or, "
+                         "to train from scratch, model_config; not both")
     return _run(
         stage="cafm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
-        model_config=None, config_values=cafm_config, init_checkpoint=init_checkpoint,
+        model_config=model_config, config_values=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, storage_path=storage_path,
         run_name=run_name, resume=resume, curve=curve, divergence=divergence, lineage=lineage,

@@ -201,6 +201,22 @@ def test_fm_resume_then_cafm_on_gaussians(tmp_path, ray_cluster, gaussian_shards
     assert any(not torch.equal(before[k], after[k]) for k in before), "CAFM generator steps changed nothing"
     load_model(cafm["discriminator_dir"])
 
+    # CAFM from scratch: a freshly initialised generator, no FM checkpoint given or read
+    scratch = run_cafm(
+        shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8, init_checkpoint=None, model_config=model_config,
+        cafm_config={"steps": 40, "batch_size": 64, "warmup_steps": 10, "discriminator_steps": 3, "log_every": 10},
+        output_dir=str(tmp_path / "cafm-scratch"), num_workers=2, checkpoint_every=20,
+        storage_path=str(tmp_path / "ray"), run_name="cafm-scratch",
+    )
+    assert scratch["steps"] == 40 and scratch["final_metrics"]["g_steps"] == 7
+    assert_in_sync(scratch)
+    fresh = load_model(scratch["model_dir"]).state_dict()
+    assert all(not torch.equal(fresh[k], before[k]) for k in before if before[k].is_floating_point() and before[k].numel() > 1)
+    with pytest.raises(ValueError, match="either init_checkpoint .* or, to train from scratch, model_config"):
+        run_cafm(shard_urls=gaussian_shards, sample_shape=(2,), num_classes=8, init_checkpoint=None,
+                 cafm_config={"steps": 4}, output_dir=str(tmp_path / "x"), checkpoint_every=2,
+                 storage_path=str(tmp_path / "ray"), run_name="neither")
+
 
 def test_cafm_on_digits_with_tiny_dit_bf16(tmp_path, ray_cluster, digit_shards):
     # a tiny FM generator made in-process (the Ray FM path is covered above)

@@ -49,6 +49,9 @@ def test_a_registered_model_holds_one_lineage(registry):
     assert version is None and "another lineage" in refused and "registered_model" in refused
     assert sorted(str(v.version) for v in tracker.client.search_model_versions(f"name='{NAME}'")) == ["1"]
     assert tracker.client.get_registered_model(NAME).tags["cafm.dataset"] == registry["dataset"]
+    with tracker.run("register-the-same-weights-again"):  # e.g. a sampler-only variant of a run
+        assert tracker.register_generator(str(root / "v1"), NAME, dataset=registry["dataset"]) == ("1", None)
+    assert sorted(str(v.version) for v in tracker.client.search_model_versions(f"name='{NAME}'")) == ["1"]
 
 
 def test_loading_a_registered_generator_runs_no_code_logged_with_it(registry):

@@ -100,3 +100,23 @@ def test_training_defaults_are_the_cores_except_the_stated_main_job_differences(
         assert set(pipeline) <= set(expected)
     # the time sampler exposes every field of the core's
     assert set(FMParams().time_sampler.model_dump()) == set(asdict(TimeSampler()))
+
+
+def test_cafm_from_scratch_depends_on_no_fm_setting_and_excludes_an_init_checkpoint():
+    """From scratch, the CAFM stage's identity (its folder, its cache key) ignores the FM
+    stage: no FM checkpoint is an input of it."""
+    import pytest
+    from pydantic import ValidationError
+
+    from flows.params import PipelineParams
+    from flows.run_layout import RunLayout
+
+    base = PipelineParams.model_validate({"cafm": {"from_scratch": True}, "storage_root": "/tmp/unused-root"})
+    other_fm = base.model_copy(update={"fm": base.fm.model_copy(update={"steps": 7, "lr": 0.5})})
+    assert RunLayout(base).fingerprint("cafm") == RunLayout(other_fm).fingerprint("cafm")
+    assert RunLayout(base).fingerprint("fm") != RunLayout(other_fm).fingerprint("fm")
+    post_trained = base.model_copy(update={"cafm": base.cafm.model_copy(update={"from_scratch": False})})
+    assert RunLayout(post_trained).fingerprint("cafm") != RunLayout(
+        post_trained.model_copy(update={"fm": other_fm.fm})).fingerprint("cafm")  # post-training does depend on FM
+    with pytest.raises(ValidationError, match="from_scratch and cafm.init_checkpoint exclude each other"):
+        PipelineParams.model_validate({"cafm": {"from_scratch": True, "init_checkpoint": "s3://b/fm/model"}})

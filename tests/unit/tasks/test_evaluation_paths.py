@@ -103,3 +103,17 @@ def test_a_generator_of_other_data_is_refused_not_scored(prepared):
                                      num_heads=2, num_classes=10))
     with pytest.raises(CAFMInputError, match=r"shape \(3, 8, 8\).*\(1, 8, 8\)"):
         evaluate_generator(protocol, rgb, dataset, feature_net, trained_on=None)
+
+
+def test_a_guided_evaluation_row_exists_beside_the_unguided_one_and_differs(prepared):
+    from cafm_core.evaluation import format_table, summarise_over_seeds
+
+    store, generator, manifest = prepared
+    protocol = _protocol(store, settings=[SamplerSetting("euler", 2), SamplerSetting("euler", 2, 1.5)], seeds=[0])
+    dataset, _, feature_net = load_for_evaluation(store, store.url("data"))
+    rows = evaluate_generator(protocol, generator, dataset, feature_net, trained_on=dataset_identity(manifest))
+    unguided, guided = rows
+    assert (unguided["cfg_scale"], guided["cfg_scale"]) == (1.0, 1.5)
+    assert guided["fd"] != unguided["fd"] and guided["class_accuracy"] != unguided["class_accuracy"]
+    table = format_table(summarise_over_seeds([{**r, "model": "FM"} for r in rows], ("fd",)), {}, ("fd",))
+    assert "euler NFE 2, no CFG" in table and "euler NFE 2, CFG 1.5" in table
