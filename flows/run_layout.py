@@ -11,6 +11,8 @@ The evaluation's fingerprint names the run's *variant* (``tasks.run_variants``).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from flows.params import PipelineParams
 from tasks.run_tracking import RunTracking
 from tasks.run_variants import record_variant
@@ -69,9 +71,10 @@ class RunLayout:
         self.tracking = self.tracking.with_variant(self.variant, changes)
         return record
 
-    @property
+    @cached_property
     def result_storage(self):
-        """Where the stage tasks' results are persisted (Prefect's cache): beside the run."""
+        """Where the stage tasks' results are persisted (Prefect's cache): beside the run.
+        Made once per layout (on S3 it is a block saved to the Prefect server)."""
         return result_storage(self.store.root, self.base)
 
     def folder(self, stage: str) -> StageFolder:

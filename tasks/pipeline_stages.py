@@ -44,7 +44,7 @@ from tasks.stage_ledger import STAGE_CACHE, StageFolder
 from tasks.tracking import PROTOCOL_TAG, Tracker, TrackingError
 from tasks.train.driver import run_cafm, run_flow_matching
 
-__all__ = ["STAGE_TASK", "evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
+__all__ = ["STAGE_TASK", "complete_outputs", "evaluate_task", "lineage", "model_config_for", "posttrain_task", "prepare_task", "pretrain_task",
            "register_and_promote", "sample_task", "start_compute"]
 
 # every stage task: cached by its folder's fingerprint, its outputs persisted as JSON (the
@@ -70,7 +70,8 @@ def model_config_for(model: dict, manifest: dict) -> dict:
                      prediction=model["prediction"]).to_dict()
 
 
-def _skipped(folder: StageFolder) -> dict | None:
+def complete_outputs(folder: StageFolder) -> dict | None:
+    """The stage's outputs when its folder is complete (logged as skipped), else None."""
     done = folder.completed()
     if done is not None:
         stage_logger().info("%s stage complete at %s: skipped", folder.stage, folder.url)
@@ -80,7 +81,7 @@ def _skipped(folder: StageFolder) -> dict | None:
 @task(name="prepare-dataset", **STAGE_TASK)
 def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracking) -> dict:
     """Read, check and write the dataset (``data``: the pipeline's data settings)."""
-    if (done := _skipped(folder)) is not None:
+    if (done := complete_outputs(folder)) is not None:
         return done
     tracker = tracking.tracker
     with tracking.stage_run("prepare", data):
@@ -134,7 +135,7 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
 def pretrain_task(folder: StageFolder, data: dict, model: dict, fm_config: dict, compute: dict,
                   tracking: RunTracking) -> dict:
     """FM pretraining on the prepared data (``data``: the prepare stage's outputs)."""
-    if (done := _skipped(folder)) is not None:
+    if (done := complete_outputs(folder)) is not None:
         return done
     model_config = model_config_for(model, data["manifest"])
 
@@ -152,7 +153,7 @@ def posttrain_task(folder: StageFolder, data: dict, fm: dict | None, cafm_config
     ``init_checkpoint`` (a checkpoint URL) when given, or from a freshly initialised generator
     when ``from_scratch`` holds the model settings (no checkpoint is read). ``curve`` (``method``, ``nfe``,
     ``num_samples``, ``seed``) adds the diagnostic curve to every report."""
-    if (done := _skipped(folder)) is not None:
+    if (done := complete_outputs(folder)) is not None:
         return done
     init_url = None if from_scratch is not None else init_checkpoint or (fm or {}).get("model_url")
     if init_url is None and from_scratch is None:
@@ -193,7 +194,7 @@ def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], ev
     the evaluation protocol of the prepared data (``evaluation``: its settings, seeds, sample
     count and shard size), as shards on storage. A generator of other data is refused
     before any sample is drawn."""
-    if (done := _skipped(folder)) is not None:
+    if (done := complete_outputs(folder)) is not None:
         return done
     protocol = evaluation_protocol(folder.store, data["data_url"], **evaluation)
     for name, outputs in generators.items():
@@ -219,7 +220,7 @@ def evaluate_task(folder: StageFolder, data: dict, samples: dict, evaluation: di
     the CAFM stage's outputs, ``rule``: the promotion rule, ``tags``) registers the CAFM
     generator as ``candidate`` and applies the promotion rule against the ``champion``,
     both evaluated under this protocol."""
-    if (done := _skipped(folder)) is not None:
+    if (done := complete_outputs(folder)) is not None:
         return done
     protocol = evaluation_protocol(folder.store, data["data_url"], **evaluation)
     tracker = tracking.tracker

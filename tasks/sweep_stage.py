@@ -21,7 +21,7 @@ from cafm_core.evaluation import (
     summarise_over_seeds,
 )
 from cafm_core.plots import training_curves
-from tasks.pipeline_stages import STAGE_TASK, start_compute
+from tasks.pipeline_stages import STAGE_TASK, complete_outputs, start_compute
 from tasks.dataset_format import evaluation_protocol
 from tasks.prefect_artifacts import publish_image
 from tasks.run_tracking import RunTracking, stage_logger
@@ -43,8 +43,7 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
     shard size); a sweep with failed trials is reported but not marked complete, so a rerun
     retries it."""
     log = stage_logger()
-    if (done := folder.completed()) is not None:
-        log.info("sweep %s complete at %s: skipped", folder.stage, folder.url)
+    if (done := complete_outputs(folder)) is not None:
         return done
     name, out_url = folder.stage.removeprefix("sweep/"), folder.url
     fm_url = init_checkpoint or (fm or {}).get("model_url")
