@@ -2,9 +2,9 @@
 
 The S3-compatible server (moto, on loopback) sits behind a small TCP relay that the test can
 cut: while it is cut, every connection, open or new, is dropped at once, as when a storage
-endpoint goes away. The relay is cut for a few seconds right after the step-40 checkpoint
-lands, so the uploads that follow (Ray's checkpoint copy, our storage writes) fail. What
-must hold: training ends at its last step, every reported step appears once, and every
+endpoint goes away. The relay is cut for a few seconds (and until a connection was refused)
+right after the step-40 checkpoint lands, so the uploads that follow (Ray's checkpoint copy,
+our storage writes) fail. What must hold: training ends at its last step, every reported step appears once, and every
 checkpoint folder on S3 either verifies or is not marked complete.
 """
 
@@ -143,7 +143,11 @@ def test_an_s3_outage_during_a_ray_checkpoint_upload_loses_nothing(tmp_path, s3_
             if "checkpoint.json" in listed(prefix):  # the marker is up; its siblings may not be
                 relay.cut()
                 outage["cut_at"] = time.monotonic()
-                time.sleep(3.0)
+                # at least 3 s, and until something has tried to reach S3 (on a busy machine the
+                # next upload can be more than 3 s away); bounded so that a hang still ends
+                while (time.monotonic() - outage["cut_at"] < 3.0
+                       or (relay.dropped == 0 and time.monotonic() - outage["cut_at"] < 60.0)):
+                    time.sleep(0.05)
                 relay.restore()
                 outage["restored_at"] = time.monotonic()
                 break
