@@ -4,8 +4,8 @@ The S3-compatible server (moto, on loopback) sits behind a small TCP relay that 
 cut: while it is cut, every connection, open or new, is dropped at once, as when a storage
 endpoint goes away. The relay is cut for a few seconds (and until a connection was refused)
 right after the step-40 checkpoint lands, so the uploads that follow (Ray's checkpoint copy,
-our storage writes) fail. What must hold: training ends at its last step, every reported step appears once, and every
-checkpoint folder on S3 either verifies or is not marked complete.
+our storage writes) fail. What must hold: training ends at its last step, every reported step
+appears once, and every checkpoint folder on S3 either verifies or is not marked complete.
 """
 
 from __future__ import annotations
