@@ -203,6 +203,9 @@ class ComputeParams(_Params):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP when > 1)")
     cpus_per_worker: int | None = Field(None, ge=1, description="CPUs (torch threads) per worker; default: local cores / workers, 1 on a cluster")
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray's placement of the training workers: PACK fills one node first; SPREAD puts them "
+                            "on different nodes where it can (STRICT_*: must)")
     mixed_precision: Literal["no", "bf16"] = "no"
     checkpoint_every: int = Field(500, ge=1)
     divergence_limit: float = Field(1e4, gt=0, description="a loss or mean logit above this (or any NaN/inf) counts as divergence")
@@ -216,7 +219,7 @@ class ComputeParams(_Params):
     def settings(self) -> dict:
         """The training driver's resource arguments (``tasks.train.driver``)."""
         return {"num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker, "use_gpu": self.use_gpu,
-                "mixed_precision": self.mixed_precision, "checkpoint_every": self.checkpoint_every,
+                "placement_strategy": self.placement_strategy, "mixed_precision": self.mixed_precision, "checkpoint_every": self.checkpoint_every,
                 "divergence": self.divergence()}
 
 

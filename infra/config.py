@@ -42,6 +42,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _env_count(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise StackError(f"{name}={value!r} is not a count (0 or more)")
+    return count
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -88,6 +101,8 @@ class StackConfig:
     prefect_db_url: str | None = None
     work_pool: str = "cafm-process"
     ray_cpus: int = 3
+    ray_nodes: int = 0  # Ray worker nodes beside the head (a local multi-node cluster)
+    ray_node_cpus: int = 2
     stack_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @classmethod
@@ -102,7 +117,9 @@ class StackConfig:
             s3_endpoint=os.environ.get("CAFM_S3_ENDPOINT") or None,
             prefect_db_url=os.environ.get("CAFM_PREFECT_DB_URL") or None,
             work_pool=os.environ.get("CAFM_WORK_POOL", "cafm-process"),
-            ray_cpus=_env_int("CAFM_RAY_CPUS", 3),
+            ray_cpus=_env_count("CAFM_RAY_CPUS", 3),
+            ray_nodes=_env_count("CAFM_RAY_NODES", 0),
+            ray_node_cpus=_env_count("CAFM_RAY_NODE_CPUS", 2),
         )
 
     # ---- derived addresses -----------------------------------------------------------
@@ -138,6 +155,19 @@ class StackConfig:
     def ray_temp(self) -> Path:
         # Ray's socket paths must stay under ~107 characters: a short folder of its own.
         return Path("/tmp") / f"cafm-ray-{self.stack_id}"
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """The Ray worker nodes' service names: ``ray-node-1`` ... (each also a custom
+        resource of that name on its node)."""
+        return tuple(f"ray-node-{i}" for i in range(1, self.ray_nodes + 1))
+
+    def node_home(self, name: str) -> Path:
+        """A worker node's own folder: its copy of the code, HOME and TMPDIR."""
+        return self.home / "nodes" / name
+
+    def node_temp(self, name: str) -> Path:
+        return Path("/tmp") / f"cafm-ray-{self.stack_id}-{name.rsplit('-', 1)[1]}"
 
     def client_env(self) -> dict[str, str]:
         """What a process needs to use the stack (no secrets: keys stay in the caller's env)."""

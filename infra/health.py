@@ -93,8 +93,16 @@ def _bucket_usable(config: StackConfig) -> bool:
         return False
 
 
+def ray_node_joined(config: StackConfig, name: str) -> bool:
+    """The worker node ``name`` has joined the head: its ``ray start`` said so in the log of
+    its latest start (the stack checks separately that its process lives)."""
+    log = config.home / "logs" / f"{name}.log"
+    latest = log.read_text(errors="replace").rsplit("==== ", 1)[-1] if log.exists() else ""
+    return "Ray runtime started" in latest
+
+
 def healthy(config: StackConfig, service: str) -> bool:
-    """``service`` (one of :data:`SERVICES`) answers its health check."""
+    """``service`` (one of :data:`SERVICES` or a worker node) answers its health check."""
     if service == "s3":
         return http_ok(f"{config.s3_url}/moto-api/") if config.local_s3 else _bucket_usable(config)
     if service == "ray":
@@ -105,4 +113,6 @@ def healthy(config: StackConfig, service: str) -> bool:
         return http_ok(f"{config.prefect_api}/health")
     if service == "worker":
         return worker_online(config)
+    if service in config.node_names:
+        return ray_node_joined(config, service)
     raise StackError(f"unknown service {service!r}; expected one of {SERVICES}")

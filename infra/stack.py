@@ -34,6 +34,7 @@ from infra.config import (BIN, HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, REPO, SER
                           free_port, redact_url, s3_credentials)
 from infra.deploy import deploy, deploy_env
 from infra.health import api_json, check_bucket, healthy, port_open, worker_online
+from tasks.code_version import PACKAGES
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -72,8 +73,10 @@ class Stack:
         self._children: dict[str, subprocess.Popen] = {}
         state = self._read_state()
         if state:  # an existing stack keeps its ports and id
-            for key in ("prefect_port", "mlflow_port", "s3_port", "ray_port", "stack_id", "bucket", "work_pool"):
-                setattr(self.config, key, state["config"][key])
+            for key in ("prefect_port", "mlflow_port", "s3_port", "ray_port", "stack_id", "bucket", "work_pool",
+                        "ray_nodes", "ray_node_cpus"):
+                if key in state["config"]:
+                    setattr(self.config, key, state["config"][key])
 
     # ---- state ---------------------------------------------------------------------------
     def _read_state(self) -> dict:
@@ -95,25 +98,34 @@ class Stack:
 
     # ---- commands -------------------------------------------------------------------------
     def services(self) -> tuple[str, ...]:
-        return SERVICES if self.config.local_s3 else tuple(s for s in SERVICES if s != "s3")
+        """In start order: the servers, the Ray worker nodes, the Prefect worker."""
+        servers = tuple(s for s in SERVICES if s != "worker" and (s != "s3" or self.config.local_s3))
+        return (*servers, *self.config.node_names, "worker")
 
     def status(self) -> dict[str, dict]:
         pids = self.pids()
         urls = {"s3": self.config.s3_url, "ray": self.config.ray_address, "mlflow": self.config.mlflow_url,
-                "prefect": self.config.prefect_ui, "worker": f"pool {self.config.work_pool}"}
+                "prefect": self.config.prefect_ui, "worker": f"pool {self.config.work_pool}",
+                **{n: f"node of {self.config.ray_address} ({self.config.ray_node_cpus} CPUs, resource {n})"
+                   for n in self.config.node_names}}
         return {s: {"healthy": healthy(self.config, s), "pid": pids.get(s), "running": bool(pids.get(s)) and _alive(pids[s]),
                     "url": urls[s]} for s in self.services()}
 
-    def up(self, timeout_s: float = 180.0, echo=print) -> dict[str, float]:
-        """Start every service that is not healthy and wait for its health check; returns the
-        seconds each took. The servers start side by side; the worker once Prefect is up."""
+    def up(self, timeout_s: float = 180.0, echo=print, only: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Start every service (or those in ``only``) that is not healthy and wait for its
+        health check; returns the seconds each took. The servers start side by side; the Ray
+        worker nodes once the head is up, the Prefect worker once Prefect is."""
+        if only is not None and (unknown := set(only) - set(self.services())):
+            raise StackError(f"no service {sorted(unknown)} in this stack; it has {', '.join(self.services())}")
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         pids = self.pids()
         if not self.config.local_s3:
             check_bucket(self.config)  # a real endpoint: the bucket must exist and be writable
         seconds: dict[str, float] = {}
-        for batch in ([s for s in self.services() if s != "worker"], ["worker"]):
+        later = {*self.config.node_names, "worker"}  # the nodes join the head; the worker needs Prefect
+        wanted = [s for s in self.services() if only is None or s in only]
+        for batch in ([s for s in wanted if s not in later], [s for s in wanted if s in later]):
             started = {}
             for service in batch:
                 if pids.get(service) and _alive(pids[service]):
@@ -139,14 +151,15 @@ class Stack:
     def down(self, timeout_s: float = 10.0, echo=print) -> list[int]:
         """Stop every service (workers first); returns any stack process still alive (should be [])."""
         pids = self.pids()
-        for service in reversed(SERVICES):
-            if service in pids:
-                self._stop(service, pids.pop(service), timeout_s)
-                echo(f"{service}: stopped")
+        order = [s for s in reversed(self.services()) if s in pids] + [s for s in pids if s not in self.services()]
+        for service in order:
+            self._stop(service, pids.pop(service), timeout_s)
+            echo(f"{service}: stopped")
         leftover = stack_processes(self.config.stack_id)
         for pid in leftover:  # anything that left its process group
             _signal(pid, signal.SIGKILL, group=False)
-        shutil.rmtree(self.config.ray_temp, ignore_errors=True)
+        for temp in [self.config.ray_temp, *Path("/tmp").glob(f"cafm-ray-{self.config.stack_id}-*")]:
+            shutil.rmtree(temp, ignore_errors=True)
         if self.state_file.exists():
             self._write_state({})
         return stack_processes(self.config.stack_id)
@@ -197,17 +210,52 @@ class Stack:
                     "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", f"s3://{c.bucket}/mlflow"]
         if service == "prefect":
             return [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(c.prefect_port)]
+        if service in c.node_names:
+            number = int(service.rsplit("-", 1)[1])
+            return [str(BIN / "ray"), "start", "--address", c.ray_address, "--block", "--node-ip-address", HOST,
+                    "--num-cpus", str(c.ray_node_cpus), "--resources", json.dumps({service: 1}),
+                    "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats",
+                    "--min-worker-port", str(20000 + 2000 * number), "--max-worker-port", str(21999 + 2000 * number),
+                    "--temp-dir", str(c.node_temp(service))]
         if service == "worker":
             return [str(BIN / "prefect"), "worker", "start", "--pool", c.work_pool, "--type", "process",
                     "--name", f"cafm-worker-{c.stack_id}"]
         raise StackError(f"unknown service {service!r}")
 
+    def _machine(self, name: str, code: bool) -> tuple[dict[str, str], Path]:
+        """Environment and working folder of a process that stands for another machine (a Ray
+        worker node, the Prefect worker): its own HOME and TMPDIR under ``<home>/nodes/<name>``,
+        the Ray cluster's token in that HOME (``~/.ray/auth_token``, as on a real node) and, for a
+        Ray node, its own copy of the code (on PYTHONPATH; it is the working folder)."""
+        root = self.config.node_home(name)
+        home, tmp, src = root / "home", root / "tmp", root / "code"
+        for folder in (home / ".ray", tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if token.exists():
+            (home / ".ray" / "auth_token").touch(mode=0o600)
+            (home / ".ray" / "auth_token").write_bytes(token.read_bytes())
+        elif not os.environ.get("RAY_AUTH_TOKEN"):
+            raise StackError(f"the Ray head's token {token} is missing (the head makes it on start); cannot start {name}")
+        env = {**self._env(), "HOME": str(home), "TMPDIR": str(tmp)}
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        if not code:
+            return env, root
+        shutil.rmtree(src, ignore_errors=True)  # the node runs the checkout's code as of this start
+        for package in PACKAGES:
+            shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+        env["PYTHONPATH"] = str(src)
+        return env, src
+
     def _start(self, service: str) -> int:
         log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - handed to the child
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {service}\n".encode())
         log.flush()
+        env, cwd = self._env(), self.home
+        if service in self.config.node_names or service == "worker":
+            env, cwd = self._machine(service, code=service != "worker")
         child = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=self._env(), cwd=str(self.home), start_new_session=True)
+                                 env=env, cwd=str(cwd), start_new_session=True)
         log.close()
         self._children[service] = child
         return child.pid
@@ -289,12 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the stack (idempotent)")
+    up = sub.add_parser("up", help="start the stack (idempotent)")
+    up.add_argument("--ray-nodes", type=int, default=None, metavar="N",
+                    help="Ray worker nodes beside the head, each its own raylet with its own code, HOME and TMPDIR "
+                         "(default: CAFM_RAY_NODES, else 0, or what the running stack has)")
+    up.add_argument("--ray-node-cpus", type=int, default=None, metavar="C", help="CPUs of each worker node (default 2)")
     sub.add_parser("down", help="stop the stack (idempotent)")
     sub.add_parser("status", help="health of every service")
     sub.add_parser("env", help="print `export` lines for a shell that uses the stack")
     logs = sub.add_parser("logs", help="the last lines of the services' logs")
-    logs.add_argument("service", nargs="?", choices=SERVICES)
+    logs.add_argument("service", nargs="?", help=f"one of {', '.join(SERVICES)} or ray-node-N")
     logs.add_argument("-n", "--lines", type=int, default=40)
     deploy_cmd = sub.add_parser("deploy", help="preflight checks, then `prefect deploy --all` against the stack")
     deploy_cmd.add_argument("--file", default=str(REPO / "prefect.yaml"))
@@ -303,11 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack()
     try:
         if args.command == "up":
+            for key in ("ray_nodes", "ray_node_cpus"):
+                value = getattr(args, key)
+                if value is not None:
+                    if value < (0 if key == "ray_nodes" else 1):
+                        raise StackError(f"--{key.replace('_', '-')} {value}: expected {'0 or more' if key == 'ray_nodes' else '1 or more'}")
+                    setattr(stack.config, key, value)
             start = time.perf_counter()
             stack.up()
             print(f"stack up in {time.perf_counter() - start:.1f}s: Prefect UI {stack.config.prefect_ui}, "
                   f"MLflow {stack.config.mlflow_url}, S3 {stack.config.s3_url} (bucket {stack.config.bucket}), "
-                  f"Ray {stack.config.ray_address}; logs in {stack.logs}")
+                  f"Ray {stack.config.ray_address}"
+                  + (f" with {stack.config.ray_nodes} worker node(s)" if stack.config.ray_nodes else "")
+                  + f"; logs in {stack.logs}")
         elif args.command == "down":
             left = stack.down()
             if left:
@@ -317,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             report = stack.status()
             for service, info in report.items():
-                print(f"{service:8s} {'healthy' if info['healthy'] else 'DOWN':8s} {info['url']}  pid {info['pid']}")
+                print(f"{service:10s} {'healthy' if info['healthy'] else 'DOWN':8s} {info['url']}  pid {info['pid']}")
             return 0 if all(i["healthy"] for i in report.values()) else 1
         elif args.command == "env":
             for key, value in stack.config.client_env().items():
@@ -327,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export AWS_SECRET_ACCESS_KEY=${{AWS_SECRET_ACCESS_KEY:-{LOCAL_S3_SECRET}}}")
                 print("export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}")
         elif args.command == "logs":
+            if args.service and args.service not in {*SERVICES, *stack.config.node_names}:
+                raise StackError(f"no service {args.service!r}; this stack has {', '.join(stack.services())}")
             for service in [args.service] if args.service else stack.services():
                 print(f"==> {service} ({stack.logs / (service + '.log')})\n{tail(stack.logs / f'{service}.log', args.lines)}")
         elif args.command == "deploy":

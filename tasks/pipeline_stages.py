@@ -125,10 +125,12 @@ def _train(folder: StageFolder, data: dict, compute: dict, tracking: RunTracking
             tracker.log_dict({"rollbacks": result["rollbacks"]}, "rollbacks.json")
         model_url = folder.join("model")
         folder.store.upload_dir(result["model_dir"], model_url, marker_last="checkpoint.json")
+        if result["workers"]:
+            tracker.log_dict({"workers": result["workers"]}, "workers.json")
     tracking.note_unlogged()
     return folder.complete({"model_url": model_url, "final_metrics": result["final_metrics"], "steps": result["steps"],
                             "seconds": result["seconds"], "rollbacks": result["rollbacks"],
-                            "resumed_from_step": result["resumed_from_step"]})
+                            "resumed_from_step": result["resumed_from_step"], "workers": result["workers"]})
 
 
 @task(name="fm-pretrain", **STAGE_TASK)
@@ -202,14 +204,14 @@ def sample_task(folder: StageFolder, data: dict, generators: dict[str, dict], ev
         protocol.check_generator(config, trained_on=metadata.get("dataset"), what=f"the {name} generator")
     start_compute(compute)
     start = time.perf_counter()
-    layout = generate_sample_shards(folder.store, models={name: outputs["model_url"] for name, outputs in generators.items()},
+    layout, nodes = generate_sample_shards(folder.store, models={name: outputs["model_url"] for name, outputs in generators.items()},
                                     out_url=folder.join("out"), protocol=protocol, use_gpu=compute["use_gpu"])
     seconds = time.perf_counter() - start
     total = protocol.num_samples * len(layout)
-    stage_logger().info("generated %d samples in %.0fs (%.0f samples/s) under %s", total, seconds, total / seconds,
-                        protocol.describe())
+    stage_logger().info("generated %d samples in %.0fs (%.0f samples/s) on %d Ray node(s) under %s", total, seconds,
+                        total / seconds, len(nodes), protocol.describe())
     return folder.complete({"layout": layout, "count": protocol.num_samples, "seconds": seconds,
-                            "protocol_id": protocol.id})
+                            "protocol_id": protocol.id, "nodes": nodes})
 
 
 @task(name="evaluate", **STAGE_TASK)

@@ -59,7 +59,10 @@ def generate_shard(store_root: str, spec: ShardSpec, device: str) -> str:
     return spec.out_url
 
 
-_remote_shard = ray.remote(num_cpus=1)(generate_shard)
+@ray.remote(num_cpus=1)
+def _remote_shard(store_root: str, spec: ShardSpec, device: str) -> tuple[str, str]:
+    """:func:`generate_shard` as a Ray task; also says which node ran it."""
+    return generate_shard(store_root, spec, device), ray.get_runtime_context().get_node_id()
 
 
 def generate_sample_shards(
@@ -69,12 +72,13 @@ def generate_sample_shards(
     out_url: str,
     protocol: EvaluationProtocol,
     use_gpu: bool = False,
-) -> dict[str, list[str]]:
+) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Generate every (model, setting, seed) sample set of the protocol; returns
-    ``sample_set_key -> shard URLs``.
+    ``sample_set_key -> shard URLs`` and how many shards each Ray node made.
 
-    ``models`` maps a name (``fm``, ``cafm``) to a checkpoint URL. Already written shards are
-    kept (a rerun only fills in what is missing).
+    ``models`` maps a name (``fm``, ``cafm``) to a checkpoint URL. The shards are Ray tasks
+    spread over the cluster's nodes (each reads its checkpoint from and writes its shard to
+    storage). Already written shards are kept (a rerun only fills in what is missing).
     """
     jobs, layout = [], {}
     for model_name, checkpoint_url in models.items():
@@ -87,24 +91,27 @@ def generate_sample_shards(
                                      out_url=Store.join(out_url, key, f"part-{number:05d}.safetensors"),
                                      protocol=protocol.to_dict(), setting=setting, draw=draw)
                     layout[key].append(spec.out_url)
-                    jobs.append(_remote_shard.options(num_gpus=0.25 if use_gpu else 0).remote(
+                    jobs.append(_remote_shard.options(num_gpus=0.25 if use_gpu else 0, scheduling_strategy="SPREAD").remote(
                         store.root, spec, "cuda" if use_gpu else "cpu"))
-    _wait_with_progress(jobs, "sampling shards")
-    return layout
+    nodes: dict[str, int] = {}
+    for _, node_id in _wait_with_progress(jobs, "sampling shards"):
+        nodes[node_id] = nodes.get(node_id, 0) + 1
+    return layout, nodes
 
 
-def _wait_with_progress(jobs: list, description: str) -> None:
-    """``ray.get`` on every job, drawing a bar when stderr is a terminal; the first
-    failure is raised."""
+def _wait_with_progress(jobs: list, description: str) -> list:
+    """``ray.get`` on every job (results in completion order), drawing a bar when stderr is
+    a terminal; the first failure is raised."""
     bar = tqdm(total=len(jobs), desc=description, unit="shard", disable=not sys.stderr.isatty())
-    pending = list(jobs)
+    pending, results = list(jobs), []
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            results += ray.get(done)
             bar.update(len(done))
     finally:
         bar.close()
+    return results
 
 
 def read_samples(store: Store, shard_urls: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,9 +12,14 @@ refused. A run already at the requested step count returns its outputs without s
 Ray (an orchestrator retry is cheap), also when its final checkpoint is on storage but Ray
 never registered it; a run beyond it is refused.
 
-On a cluster (``RAY_ADDRESS``) the workers need this package installed and
-``storage_path`` must be storage every node reaches (``s3://`` or a shared filesystem);
-the init checkpoint travels to the workers as verified bytes through Ray's object store.
+On a cluster (``RAY_ADDRESS``) the workers need this package installed (each worker checks
+that its code is the driver's, ``tasks.code_version``) and ``storage_path`` must be storage
+every node reaches (``s3://`` or a shared filesystem); the init checkpoint travels to the
+workers as verified bytes through Ray's object store. ``placement_strategy`` is Ray's for
+the workers' placement group (``SPREAD`` puts them on different nodes where it can). A
+cluster that cannot hold the workers is refused before training (``ClusterTooSmall``, after
+a bounded wait for it to grow), and a worker group that cannot be placed again after a node
+is lost fails the run after ``PLACEMENT_RETRIES`` timed-out starts instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from cafm_core.checkpoint import (
 )
 from cafm_core.models import build_discriminator, build_generator, config_from_dict
 from tasks.arrow_storage import ray_storage
-from tasks.ray_cluster import start_cluster, worker_cpus
+from tasks.code_version import code_identity
+from tasks.ray_cluster import ClusterTooSmall, start_cluster, worker_cpus
 from tasks.train.configs import MIXED_PRECISION_MODES, divergence_guard, json_config, train_config
 from tasks.train.shards import inspect_shards, read_shards
 from tasks.train.train_state import TRAIN_STATE_FORMAT, RunCheckpoints, load_ray_checkpoint, verified_state
@@ -50,6 +56,8 @@ __all__ = ["STORAGE_BACKOFF_S", "STORAGE_RETRIES", "TrainingDiverged", "fit_with
 logger = logging.getLogger(__name__)
 
 STORAGE_RETRIES = 3
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the workers' placement group
+PLACEMENT_RETRIES = 2  # worker-group starts that may time out waiting for resources before the run fails
 STORAGE_BACKOFF_S = 2.0
 _STORAGE_ERROR_MARKS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect", "Connection reset", "curlCode")
 
@@ -69,6 +77,7 @@ def run_flow_matching(
     num_workers: int = 2,
     cpus_per_worker: int | None = None,
     use_gpu: bool = False,
+    placement_strategy: str = "PACK",
     mixed_precision: str = "no",
     checkpoint_every: int,
     storage_path: str,
@@ -97,7 +106,8 @@ def run_flow_matching(
         stage="fm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
         model_config=model_config, config_values=fm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
-        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, storage_path=storage_path,
+        placement_strategy=placement_strategy, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
+        storage_path=storage_path,
         run_name=run_name, resume=resume, divergence=divergence, lineage=lineage,
     )
 
@@ -113,6 +123,7 @@ def run_cafm(
     num_workers: int = 2,
     cpus_per_worker: int | None = None,
     use_gpu: bool = False,
+    placement_strategy: str = "PACK",
     mixed_precision: str = "no",
     checkpoint_every: int,
     storage_path: str,
@@ -142,7 +153,8 @@ def run_cafm(
         stage="cafm", shard_urls=shard_urls, sample_shape=sample_shape, num_classes=num_classes,
         model_config=model_config, config_values=cafm_config, init_checkpoint=init_checkpoint,
         output_dir=output_dir, num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
-        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, storage_path=storage_path,
+        placement_strategy=placement_strategy, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
+        storage_path=storage_path,
         run_name=run_name, resume=resume, curve=curve, divergence=divergence, lineage=lineage,
     )
 
@@ -160,6 +172,7 @@ def _run(
     num_workers: int,
     cpus_per_worker: int | None,
     use_gpu: bool,
+    placement_strategy: str,
     mixed_precision: str,
     checkpoint_every: int,
     storage_path: str,
@@ -180,6 +193,8 @@ def _run(
     )
     storage_path, run_name, output_dir = str(storage_path), str(run_name), str(output_dir)
     cpus = worker_cpus(num_workers, cpus_per_worker)
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {placement_strategy!r}")
     config = train_config(stage, config_values)
     guard = divergence_guard(divergence)
     check_int(f"{stage}_config.log_every", config.log_every, 1)
@@ -236,6 +251,8 @@ def _run(
         "divergence": guard.to_dict(),
         "storage_path": storage_path,
         "run_name": run_name,
+        # each worker checks that it runs the driver's code (nodes install their own copy)
+        "code_digest": code_identity()["digest"],
         # the init checkpoint travels as verified bytes through the object store, so
         # workers on other nodes need no access to the driver's disk
         "init_ref": ray.put(init_files) if init_files is not None else None,
@@ -245,19 +262,32 @@ def _run(
         return TorchTrainer(
             train_worker,
             train_loop_config=loop,
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(use_gpu), resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(use_gpu), resources_per_worker={"CPU": cpus},
+                                         placement_strategy=placement_strategy),
             run_config=RunConfig(
                 name=run_name,
                 storage_path=storage_base if storage_fs is not None else os.path.abspath(storage_base),
                 storage_filesystem=storage_fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=2),
+                # a worker group that cannot be placed (a node lost, resources gone) is tried
+                # again a bounded number of times (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+                # 60 s by default), then the run fails; Ray's default retries forever
+                failure_config=FailureConfig(max_failures=2, controller_failure_limit=PLACEMENT_RETRIES),
             ),
             datasets={"train": dataset},
         )
 
     started = time.perf_counter()
-    result = fit_with_storage_retries(make_trainer, run_name)
+    try:
+        result = fit_with_storage_retries(make_trainer, run_name)
+    except ray.train.ControllerError as exc:
+        if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        raise ClusterTooSmall(
+            f"Ray Train run {run_name!r}: the cluster could not place {num_workers} workers ({cpus} CPU(s)"
+            f"{' and 1 GPU' if use_gpu else ''} each, placement {placement_strategy}) in {PLACEMENT_RETRIES + 1} "
+            f"attempts (a node lost, or its resources taken); resume the run once the cluster has room"
+        ) from exc
     seconds = time.perf_counter() - started
     diverged = (result.return_value or {}).get("diverged")
     if diverged:
@@ -417,6 +447,8 @@ def _outputs(
         # where the last worker group started: after a worker failure, the checkpoint it restored
         "restored_from_step": int(returned.get("start_step", start_step)),
         "worker_checksums": list(returned.get("checksums") or []),
+        # where the last worker group ran: rank, Ray node id, host and code digest of each worker
+        "workers": list(returned.get("workers") or []),
         # divergences survived: {at_step, to_step, reason, learning_rates} each
         "rollbacks": list(returned.get("rollbacks") or saved_meta.get("rollbacks") or []),
     }

@@ -3,7 +3,8 @@ checkpoint, roll back on divergence.
 
 ``train_worker`` reads top to bottom:
 
-1. Accelerate adopts the process group Ray Train started (gloo on CPU, nccl on GPU) and
+1. The worker checks that it runs the driver's code (every node has its own copy), then
+   Accelerate adopts the process group Ray Train started (gloo on CPU, nccl on GPU) and
    wraps the networks in DDP; torch uses the CPUs the worker was given.
 2. Restore: Ray's registered checkpoint or the newest verified one on storage, whichever is
    newer (``tasks.train.train_state``); else the networks start from the init checkpoint.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import tempfile
 import time
 from typing import Any
@@ -33,6 +35,7 @@ import torch
 
 from cafm_core.checkpoint import unflatten_state_dicts
 from cafm_core.training import DivergenceGuard
+from tasks.code_version import code_identity
 from tasks.train.configs import train_config
 from tasks.train.shards import ShardCollate, worker_batches
 from tasks.train.stages import Stage, build_stage, copy_state
@@ -50,6 +53,7 @@ def train_worker(loop: dict) -> dict:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    here = _where_this_worker_runs(rank, loop.get("code_digest"))
     accelerator = Accelerator(cpu=not loop["use_gpu"], mixed_precision=loop["mixed_precision"])
     if accelerator.num_processes != world_size:
         raise RuntimeError(
@@ -72,6 +76,10 @@ def train_worker(loop: dict) -> dict:
     stage = build_stage(stage_name, config, accelerator, restored, init=init, model_config=loop["model_config"])
     if world_size > 1 and not isinstance(stage.generator_ddp, DistributedDataParallel):
         raise RuntimeError(f"Accelerate did not wrap the generator in DDP (got {type(stage.generator_ddp).__name__})")
+    workers = _gather(here, world_size)
+    if rank == 0 and world_size > 1:
+        logger.info("[%s] %d workers on %d node(s): %s", stage_name, world_size, len({w["node_id"] for w in workers}),
+                    ", ".join(f"rank {w['rank']} on {w['node_id'][:8]}" for w in workers))
 
     start, history, rollbacks = 0, [], []
     if restored is not None:
@@ -119,6 +127,7 @@ def train_worker(loop: dict) -> dict:
                 if rank == 0:
                     logger.error("[%s] %s", stage_name, message)
                 return {"history": history, "start_step": start, "checksums": [], "rollbacks": rollbacks,
+                        "workers": workers,
                         "diverged": message}
             rollbacks_since_good += 1
             stage.load_state(*copy_state(good_state))
@@ -169,7 +178,8 @@ def train_worker(loop: dict) -> dict:
         gathered: list[Any] = [None] * world_size
         torch.distributed.all_gather_object(gathered, checksums[0])
         checksums = [str(c) for c in gathered]
-    return {"history": history, "start_step": start, "checksums": checksums, "rollbacks": rollbacks}
+    return {"history": history, "start_step": start, "checksums": checksums, "rollbacks": rollbacks,
+            "workers": workers}
 
 
 def _save(directory: str, stage: Stage, loop: dict, step: int, world_size: int, history: list[dict],
@@ -178,6 +188,28 @@ def _save(directory: str, stage: Stage, loop: dict, step: int, world_size: int, 
     save_train_state(directory, stage=stage.name, states=states, metadata=metadata,
                      model_config=stage.generator.config.to_dict(), train_config=loop["train_config"], step=step,
                      seed=stage.config.seed, world_size=world_size, history=history, rollbacks=rollbacks)
+
+
+def _where_this_worker_runs(rank: int, driver_digest: str | None) -> dict:
+    """This worker's rank, Ray node, host and code; refuses code other than the driver's
+    (each node runs its own installed copy: two versions must never train one model)."""
+    code = code_identity()
+    if driver_digest is not None and code["digest"] != driver_digest:
+        raise RuntimeError(
+            f"training worker {rank} on host {socket.gethostname()} runs other code than the driver: {code['path']} "
+            f"(digest {code['digest']}, commit {code['commit']}) vs the driver's digest {driver_digest}. Install the "
+            "driver's version of cafm-pipeline on every Ray node (docs/multinode.md) and restart the node")
+    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "code_path": code["path"], "code_digest": code["digest"]}
+
+
+def _gather(item: dict, world_size: int) -> list[dict]:
+    """``item`` of every rank, in rank order (one all-gather at the start of training)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [item]
+    items: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(items, item)
+    return items
 
 
 def _training_curve(spec: dict, device: torch.device):
