@@ -241,11 +241,17 @@ class Stack:
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         if not code:
             return env, root
-        shutil.rmtree(src, ignore_errors=True)  # the node runs the checkout's code as of this start
+        env["PYTHONPATH"] = str(self._code_copy(src))
+        return env, src
+
+    @staticmethod
+    def _code_copy(src: Path) -> Path:
+        """A copy of the checkout's packages at ``src``, as of now: a Ray node runs the code of
+        its start, whatever is edited later (a mismatch with a driver is refused by name)."""
+        shutil.rmtree(src, ignore_errors=True)
         for package in PACKAGES:
             shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-        env["PYTHONPATH"] = str(src)
-        return env, src
+        return src
 
     def _start(self, service: str) -> int:
         log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -254,6 +260,9 @@ class Stack:
         env, cwd = self._env(), self.home
         if service in self.config.node_names or service == "worker":
             env, cwd = self._machine(service, code=service != "worker")
+        elif service == "ray":  # the head: the user's HOME (its token), its own copy of the code
+            cwd = self._code_copy(self.config.node_home("ray-head") / "code")
+            env["PYTHONPATH"] = str(cwd)
         child = subprocess.Popen(self._command(service), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=env, cwd=str(cwd), start_new_session=True)
         log.close()

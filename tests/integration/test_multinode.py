@@ -32,9 +32,11 @@ MODEL = MLPConfig(data_dim=2, hidden_size=32, depth=2, num_classes=0).to_dict() 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server):
-    """Head (1 CPU: Ray Data's reads) and two worker nodes (2 CPUs each); yields the Stack."""
+    """A head that runs no training (0 CPUs, as on real clusters) and two worker nodes of 3
+    CPUs (a training worker, Ray Data's reads, sampling; after a node is lost, the other one
+    holds both workers and the reads); yields the Stack."""
     home = tmp_path_factory.mktemp("multinode")
-    config = StackConfig(home=home, ray_port=free_port(), ray_cpus=1, ray_nodes=2, ray_node_cpus=2,
+    config = StackConfig(home=home, ray_port=free_port(), ray_cpus=0, ray_nodes=2, ray_node_cpus=3,
                          s3_endpoint=s3_server["endpoint"])
     stack = Stack(config)
     if ray.is_initialized():
