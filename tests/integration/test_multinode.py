@@ -35,9 +35,13 @@ def cluster(tmp_path_factory, s3_server):
     """A head that runs no training (0 CPUs, as on real clusters) and two worker nodes of 3
     CPUs (a training worker, Ray Data's reads, sampling; after a node is lost, the other one
     holds both workers and the reads); yields the Stack."""
+    import boto3
+
     home = tmp_path_factory.mktemp("multinode")
+    bucket = f"cafm-multinode-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
     config = StackConfig(home=home, ray_port=free_port(), ray_cpus=0, ray_nodes=2, ray_node_cpus=3,
-                         s3_endpoint=s3_server["endpoint"])
+                         s3_endpoint=s3_server["endpoint"], bucket=bucket)
     stack = Stack(config)
     if ray.is_initialized():
         ray.shutdown()
@@ -63,14 +67,11 @@ def cluster(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="module")
 def shards_on_s3(cluster, s3_server, tmp_path_factory):
-    """Eight-Gaussians shards uploaded to a bucket of their own (the nodes read them from S3)."""
-    import boto3
-
+    """Eight-Gaussians shards uploaded to the cluster's bucket (the nodes read them from S3)."""
     from tasks.storage import Store
     from tests.integration.test_ray_train import write_shards
 
-    bucket = f"cafm-multinode-{os.getpid()}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
+    bucket = cluster.config.bucket
     local = write_shards(load_builtin("eight_gaussians", num_samples=4096, seed=0),
                          tmp_path_factory.mktemp("shards"), 2, fixed_size=True)
     store = Store(f"s3://{bucket}")
