@@ -51,6 +51,7 @@ def cluster(tmp_path_factory, s3_server):
     try:
         stack.up(timeout_s=120, only=("ray", *NODES), echo=lambda line: print(f"[cluster] {line}"))
         os.environ.update({"RAY_ADDRESS": config.ray_address, "RAY_AUTH_MODE": "token"})
+        _reload_ray_auth()
         os.chdir(driver_dir)
         yield stack
     finally:
@@ -62,6 +63,7 @@ def cluster(tmp_path_factory, s3_server):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _reload_ray_auth()  # later tests' local clusters run without the token again
         assert not left, f"cluster processes left behind: {left}"
 
 
@@ -84,6 +86,14 @@ def shards_on_s3(cluster, s3_server, tmp_path_factory):
     for path in local:
         os.remove(path)  # nothing of the data is left on a local disk
     return {"bucket": f"s3://{bucket}", "urls": urls}
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads RAY_AUTH_MODE once per process; this test process changes it (a driver
+    started with the variable set, as the stack's clients are, needs none of this)."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 def _nodes_by_resource() -> dict[str, str]:
