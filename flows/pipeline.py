@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from cafm_core.features import load_inception_features
 from flows.params import PipelineParams
 from flows.run_layout import RunLayout, tracking_uri
+from tasks.code_version import code_tags, describe_code
 from tasks.pipeline_stages import evaluate_task, posttrain_task, prepare_task, pretrain_task, sample_task
 from tasks.run_tracking import RunTracking
 from tasks.secrets import load_secret_blocks
@@ -92,12 +93,13 @@ def evaluate_stage(params: PipelineParams, layout: RunLayout, tracking: RunTrack
 @flow(name="cafm-pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """The whole DAG; returns where the results are and the FM-vs-CAFM table."""
+    print(describe_code())  # where this run's code came from (a deployment's: the worker's clone)
     preflight(params)
     layout = RunLayout(params)
     variant = layout.record_variant()
     tracker = layout.tracking.tracker
-    with tracker.run(f"pipeline-{params.run_name}", {"run_name": params.run_name, "storage_root": params.storage_root,
-                                                     "seed": params.seed}, tags=layout.tracking.tags) as parent_id:
+    logged = {"run_name": params.run_name, "storage_root": params.storage_root, "seed": params.seed}
+    with tracker.run(f"pipeline-{params.run_name}", logged, tags={**layout.tracking.tags, **code_tags()}) as parent_id:
         tracking = layout.tracking.under(parent_id)
         data = prepare_stage(params, layout, tracking)
         fm = pretrain_stage(params, layout, tracking, data)

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cafm_core.protocol import EvaluationProtocol
 from flows.params import ModelEvaluationParams
+from tasks.code_version import describe_code
 from tasks.dataset_format import evaluation_protocol, resolve_dataset_url
 from tasks.promotion import PromotionOutcome, promote
 from tasks.registry_evaluation import alias_versions, evaluate_version_task, trend
@@ -53,6 +54,7 @@ def _report(params: ModelEvaluationParams, protocol: EvaluationProtocol, roles: 
 def evaluate_registered(params: ModelEvaluationParams = ModelEvaluationParams()) -> dict:
     """Evaluate champion and candidate under one protocol, publish the trend, promote or fail."""
     logger = get_run_logger()
+    logger.info("%s", describe_code())  # where this run's code came from (a deployment's: the worker's clone)
     load_secret_blocks()  # credentials named in CAFM_SECRET_BLOCKS
     check_reachable_data(params.data_url)
     tracker = Tracker(params.tracking_uri or default_tracking_uri(), params.experiment)
