@@ -1,11 +1,13 @@
-"""The team stack end to end, as a user drives it: stack up, `prefect deploy --all`, the
-pipeline deployment triggered through the Prefect API (as the UI does) and run by the process
-worker on the Ray head, results checked in MLflow and the bucket; the scheduled evaluation
+"""The team stack end to end, as a user drives it: stack up with a Ray head and two worker
+nodes, `prefect deploy --all` with the code pulled from a bare git repository, the pipeline
+deployment triggered through the Prefect API (as the UI does) and run by the process worker
+(its own folder, HOME and TMPDIR, no checkout: each run clones the commit) on the multi-node
+cluster with two DDP workers on different nodes, results checked in MLflow and the bucket; the scheduled evaluation
 deployment (trend artifact, idempotent rerun, regression fails, better candidate promoted);
 a run started from the Prefect UI in headless Chromium; stack down leaves no process.
 
 Real services on 127.0.0.1 with free ports (infra/stack.py); tests run in file order and
-share the module's stack. About 5-8 minutes on 2 CPU cores.
+share the module's stack. About 6-9 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _pipeline_params(root: str) -> dict:
     return smoke_params(
         storage_root=root, run_name=RUN_NAME, data=DataParams(feature_steps=40),
         fm=FMParams(steps=60, batch_size=64), cafm=CAFMParams(steps=30, warmup_steps=10, batch_size=64, curve_samples=0),
-        sampling=SamplingParams(nfes=[4, 8], num_samples=128), compute=ComputeParams(num_workers=1, checkpoint_every=30),
+        sampling=SamplingParams(nfes=[4, 8], num_samples=128),
+        compute=ComputeParams(num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD", checkpoint_every=30),
     ).model_dump(mode="json")
 
 
@@ -56,8 +59,10 @@ def _eval_params(root: str) -> dict:
 def stack(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ.update({"AWS_ACCESS_KEY_ID": "e2e-key", "AWS_SECRET_ACCESS_KEY": SECRET})
+    # a head that trains nothing (0 CPUs, as on real clusters) and two worker nodes
     config = StackConfig(home=tmp_path_factory.mktemp("stack"), prefect_port=free_port(), mlflow_port=free_port(),
-                         s3_port=free_port(), ray_port=free_port(), bucket="cafm-e2e")
+                         s3_port=free_port(), ray_port=free_port(), bucket="cafm-e2e", ray_cpus=0, ray_nodes=2,
+                         ray_node_cpus=2)
     stack = Stack(config)
     start = time.perf_counter()
     try:
@@ -144,11 +149,22 @@ def test_stack_up_is_healthy_idempotent_and_on_loopback(stack):
 
 
 @pytest.fixture(scope="module")
-def deployed(stack):
+def code_repository(tmp_path_factory) -> str:
+    """A bare repository holding this checkout's HEAD: what the deployments' pull step clones."""
+    import subprocess
+
+    bare = tmp_path_factory.mktemp("git") / "cafm-pipeline.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(REPO), str(bare)], check=True, timeout=120)
+    return str(bare)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack, code_repository):
     from infra.deploy import deploy, deploy_env
 
     start = time.perf_counter()
-    deployments = deploy(deploy_env(stack.config, caller_wins=False), REPO / "prefect.yaml")
+    env = {**deploy_env(stack.config, caller_wins=False), "CAFM_CODE_REPOSITORY": code_repository}
+    deployments = deploy(env, REPO / "prefect.yaml")
     print(f"[stack] deployed in {time.perf_counter() - start:.1f}s")
     return deployments
 
@@ -187,10 +203,37 @@ def test_pipeline_deployment_runs_to_completed_with_results_in_mlflow_and_the_bu
     # the prefect run shows the evaluation's artifacts
     assert {"fm-vs-cafm", "samples"} <= set(_artifacts(stack, pipeline_run["id"]))
 
+    # the run's code is the worker's clone of the pinned commit (under the worker's own TMPDIR)
+    code = re.search(r"code: (\S+) \(commit ([0-9a-f]{40}), digest", _logs(stack, pipeline_run["id"]))
+    assert code and code.group(1).startswith(str(stack.config.node_home("worker") / "tmp")), code
+    assert code.group(2) == _head_commit()
+    assert parent.data.tags["cafm.code_commit"] == code.group(2)
+    # both training stages ran one DDP worker on each worker node (node ids from Ray); the
+    # sampling tasks ran on both nodes
+    for stage in ("fm", "cafm"):
+        workers = _stage_outputs(stack, stage)["workers"]
+        assert [w["rank"] for w in workers] == [0, 1] and len({w["node_id"] for w in workers}) == 2, workers
+    assert len(_stage_outputs(stack, "samples")["nodes"]) == 2
+
     # secrets reach neither Prefect (parameters, logs) nor MLflow (params, tags)
     assert SECRET not in str(pipeline_run["parameters"]) and SECRET not in _logs(stack, pipeline_run["id"])
     for run in runs:
         assert SECRET not in str({**run.data.params, **run.data.tags})
+
+
+def _head_commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _stage_outputs(stack: Stack, stage: str) -> dict:
+    """A stage's outputs as its completion marker on the bucket records them."""
+    keys = [k for k in _keys(stack, f"runs/{RUN_NAME}/{stage}/") if k.endswith("/_COMPLETE.json")]
+    assert len(keys) == 1, keys
+    marker = json.loads(_s3(stack).get_object(Bucket=stack.config.bucket, Key=keys[0])["Body"].read())
+    return marker.get("outputs", marker)
 
 
 def _alias(stack: Stack, alias: str) -> str:
