@@ -4,7 +4,7 @@ node id, temp dir, custom resource (``ray-node-N``), copy of the code, HOME and 
 its own copy of the cluster's token. Storage is S3 only (moto on loopback); the driver (this
 process) runs from a folder without the code, so the nodes' workers import their own copy.
 
-Tests run in file order and share the cluster; the last one stops a worker node. About 3-4
+Tests run in file order and share the cluster; the last one stops a worker node. About 3
 minutes on 2 CPU cores.
 """
 
@@ -172,6 +172,26 @@ def test_gpu_workers_on_a_cpu_only_cluster_are_refused_after_a_bounded_wait(clus
             run_name="fm-gpu",
         )
     assert time.monotonic() - started < 60
+
+
+def test_workers_the_nodes_cannot_place_fail_the_run_after_bounded_retries(cluster, shards_on_s3, tmp_path, monkeypatch):
+    """Three workers that must be on three different nodes, on two worker nodes: the totals
+    fit (so the driver's own check lets it through), the placement group never does. Ray
+    Train's default retries that forever; here each start times out (5 s for the test) and
+    after PLACEMENT_RETRIES the run fails with a clear error."""
+    from tasks.ray_cluster import ClusterTooSmall
+    from tasks.train import driver
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    started = time.monotonic()
+    with pytest.raises(ClusterTooSmall, match=r"could not place 3 workers .*STRICT_SPREAD.* in 3 attempts"):
+        driver.run_flow_matching(
+            shard_urls=shards_on_s3["urls"], sample_shape=(2,), num_classes=0, model_config=MODEL,
+            fm_config={"steps": 20, "batch_size": 64}, output_dir=str(tmp_path / "out"), num_workers=3,
+            cpus_per_worker=1, placement_strategy="STRICT_SPREAD", checkpoint_every=20,
+            storage_path=f"{shards_on_s3['bucket']}/ray", run_name="fm-unplaceable",
+        )
+    assert time.monotonic() - started < 120
 
 
 def test_a_worker_node_lost_mid_training_the_run_finishes_on_what_remains(cluster, shards_on_s3, tmp_path, s3_client):
