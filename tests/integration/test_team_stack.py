@@ -233,7 +233,7 @@ def _stage_outputs(stack: Stack, stage: str) -> dict:
     keys = [k for k in _keys(stack, f"runs/{RUN_NAME}/{stage}/") if k.endswith("/_COMPLETE.json")]
     assert len(keys) == 1, keys
     marker = json.loads(_s3(stack).get_object(Bucket=stack.config.bucket, Key=keys[0])["Body"].read())
-    return marker.get("outputs", marker)
+    return marker["outputs"]["outputs"]  # the store's record holds the ledger's {fingerprint, outputs}
 
 
 def _alias(stack: Stack, alias: str) -> str:
