@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from infra.config import HOST, SERVICES, StackConfig, StackError, environ_scope, s3_credentials
 
@@ -94,11 +95,23 @@ def _bucket_usable(config: StackConfig) -> bool:
 
 
 def ray_node_joined(config: StackConfig, name: str) -> bool:
-    """The worker node ``name`` has joined the head: its ``ray start`` said so in the log of
-    its latest start (the stack checks separately that its process lives)."""
+    """The worker node ``name`` is up: its ``ray start`` said it joined the head in the log of
+    its latest start, and its raylet (found by the node's own temp dir) is alive."""
     log = config.home / "logs" / f"{name}.log"
     latest = log.read_text(errors="replace").rsplit("==== ", 1)[-1] if log.exists() else ""
-    return "Ray runtime started" in latest
+    if "Ray runtime started" not in latest:
+        return False
+    marker = f"--temp_dir={config.node_temp(name)}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+                continue
+            if command and command[0].endswith(b"/raylet") and marker in command and state != "Z":
+                return True
+    return False
 
 
 def healthy(config: StackConfig, service: str) -> bool:

@@ -59,3 +59,29 @@ def test_node_counts_from_the_environment_are_checked(monkeypatch, tmp_path):
 def test_up_refuses_a_service_the_stack_does_not_have(tmp_path):
     with pytest.raises(StackError, match="no service \\['ray-node-3'\\]"):
         Stack(StackConfig(home=tmp_path, ray_nodes=2)).up(only=("ray", "ray-node-3"))
+
+
+def test_a_node_is_healthy_only_while_its_raylet_lives(tmp_path):
+    """The log says the node joined; health also needs a live raylet with the node's temp dir."""
+    import subprocess
+    import sys
+    import time
+
+    from infra.health import healthy
+
+    config = StackConfig(home=tmp_path, ray_nodes=1)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "ray-node-1.log").write_text("==== 2026 starting ray-node-1\nRay runtime started.\n")
+    assert not healthy(config, "ray-node-1")  # joined once, but no raylet now (stopped or killed)
+    fake = subprocess.Popen(["bash", "-c", f"exec -a {tmp_path}/raylet {sys.executable} -c 'import time; time.sleep(30)' "
+                             f"--temp_dir={config.node_temp('ray-node-1')}"])
+    try:
+        deadline = time.monotonic() + 10
+        while not healthy(config, "ray-node-1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert healthy(config, "ray-node-1")
+        (tmp_path / "logs" / "ray-node-1.log").write_text("==== later starting ray-node-1\nerror: auth\n")
+        assert not healthy(config, "ray-node-1")  # the latest start has not joined
+    finally:
+        fake.kill()
+        fake.wait()
