@@ -7,16 +7,20 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run smoke demo test unit bench clean browser stack-up stack-down stack-status deploy e2e ui
+.PHONY: setup lock run smoke demo test unit bench clean browser stack-up stack-down stack-status deploy e2e ui
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+lock: setup         ## regenerate constraints.txt (the exact versions setup installs) from the virtual environment
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch|triton)==|^nvidia-'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 run: setup          ## the main job: the full pipeline on digits with embedded defaults
 	$(VENV)/bin/cafm-pipeline run $(ARGS)
