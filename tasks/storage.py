@@ -356,11 +356,22 @@ class Store:
         return sorted(out)
 
     def download_dir(self, url: str, local_dir: str | os.PathLike) -> Path:
-        """Copy every file below ``url`` into ``local_dir`` (each file written atomically)."""
+        """Copy every file below ``url`` into ``local_dir`` (each file written atomically).
+
+        A key that would land outside ``local_dir`` (``..`` segments, an absolute name, or a
+        symlink in ``local_dir`` pointing out of it) is refused before anything is written:
+        a crafted bucket cannot write elsewhere on this machine."""
         files = self._files_under(url)
         if not files:
             raise FileNotFoundError(f"nothing to download: {url} holds no files")
         target = Path(local_dir)
+        root = target.resolve()
+        for relative, path in files:
+            parts = relative.replace("\\", "/").split("/")
+            inside = (root / relative).resolve()
+            if relative.startswith("/") or ".." in parts or not inside.is_relative_to(root):
+                raise StorageError(f"refusing to download {self._to_url(path)}: its name {relative!r} leaves the "
+                                   f"target folder {target} (a '..' segment, an absolute name or a symlink)")
         for relative, path in files:
             local_path = target / relative
             if self.is_s3:

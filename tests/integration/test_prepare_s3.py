@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from cafm_core.checks import CAFMInputError
-from cafm_core.data import load_builtin
+from cafm_core.data import images_to_uint8, load_builtin, uint8_to_images
 from cafm_core.features import DigitFeatureNet
 from tasks.dataset_format import load_feature_net, load_prepared, load_reference_stats, shard_urls
 from tasks.prepare import prepare_dataset
@@ -77,8 +77,9 @@ def test_digits_prepared_on_s3(s3_bucket, s3_client):
     assert head["ContentLength"] == manifest["shards"][1]["bytes"]
 
     dataset, _ = load_prepared(store, out)
-    reference = load_builtin("digits")
-    assert torch.equal(dataset.data, reference.data) and torch.equal(dataset.labels, reference.labels)
+    builtin = load_builtin("digits")
+    reference = torch.from_numpy(uint8_to_images(images_to_uint8(builtin.data)))  # stored as uint8
+    assert torch.equal(dataset.data, reference) and torch.equal(dataset.labels, builtin.labels)
     assert shard_urls(store, out) == [f"{out}/shards/part-00000.parquet", f"{out}/shards/part-00001.parquet"]
     model = load_feature_net(store, out)
     assert isinstance(model, DigitFeatureNet) and not model.training
@@ -87,7 +88,7 @@ def test_digits_prepared_on_s3(s3_bucket, s3_client):
 
     # A store unpickled elsewhere (e.g. on a Ray worker) rebuilds its client from the environment.
     clone = pickle.loads(pickle.dumps(store))
-    assert torch.equal(load_prepared(clone, out)[0].data, reference.data)
+    assert torch.equal(load_prepared(clone, out)[0].data, reference)
 
 
 def test_incomplete_output_on_s3_is_not_loaded(s3_bucket, s3_client):
@@ -198,3 +199,19 @@ def test_check_reachable_rejected_credentials(s3_auth_enforced, monkeypatch):
     with pytest.raises(StorageError, match="credentials rejected.*InvalidAccessKeyId") as info:
         check_reachable(bucket_url)
     assert wrong_secret not in str(info.value)
+
+
+def test_download_dir_refuses_a_key_that_climbs_out_of_the_target(s3_bucket, s3_client, tmp_path):
+    """A bucket holding `ckpt/../../escaped.txt` (S3 keys may contain '..') cannot make a
+    download write outside the target folder."""
+    from tasks.storage import StorageError, Store
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3_client.put_object(Bucket=bucket, Key="ckpt/checkpoint.json", Body=b"{}")
+    s3_client.put_object(Bucket=bucket, Key="ckpt/../../escaped.txt", Body=b"x")
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="ckpt/").get("Contents", [])]
+    assert "ckpt/../../escaped.txt" in keys  # the crafted key is really there
+    target = tmp_path / "a" / "b" / "download"
+    with pytest.raises(StorageError, match="leaves the target folder"):
+        Store(s3_bucket).download_dir(f"{s3_bucket}/ckpt", target)
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))

@@ -274,3 +274,27 @@ def test_check_reachable_local(tmp_path):
 def test_json_written_is_valid_on_disk(store):
     store.write_json(store.url("m.json"), {"b": 1, "a": 2})
     assert json.loads(open(store.url("m.json")).read()) == {"a": 2, "b": 1}
+
+
+def test_download_dir_refuses_a_symlink_that_leads_out_of_the_target(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes(store.join(store.root, "model", "sub", "weights.bin"), b"w")
+    outside, target = tmp_path / "outside", tmp_path / "target"
+    outside.mkdir()
+    target.mkdir()
+    (target / "sub").symlink_to(outside)  # planted: sub/ points out of the target folder
+    with pytest.raises(StorageError, match=r"'sub/weights.bin' leaves the target folder"):
+        store.download_dir(store.join(store.root, "model"), target)
+    assert list(outside.iterdir()) == []
+
+
+def test_download_dir_checks_every_name_before_writing_any(tmp_path, monkeypatch):
+    """A listing with a '..' name (what a crafted bucket returns) writes nothing at all."""
+    store = Store(str(tmp_path / "store"))
+    url = store.join(store.root, "model")
+    store.write_bytes(store.join(url, "a.bin"), b"a")
+    real = store._files_under(url)
+    monkeypatch.setattr(store, "_files_under", lambda u: real + [("../../escaped.bin", real[0][1])])
+    with pytest.raises(StorageError, match=r"'\.\./\.\./escaped\.bin' leaves the target folder"):
+        store.download_dir(url, tmp_path / "deep" / "target")
+    assert not (tmp_path / "escaped.bin").exists() and not (tmp_path / "deep" / "target").exists()
