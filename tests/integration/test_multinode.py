@@ -136,6 +136,15 @@ def test_training_workers_run_on_both_nodes_from_their_own_code_with_s3_only(clu
         root = cluster.config.node_home(name)
         stray = [p for p in root.rglob("*") if p.suffix in (".parquet", ".safetensors") or p.name == "checkpoint.json"]
         assert not stray, stray
+    # the S3 secret is in each node's environment, never in Ray's job config: no Ray log or
+    # session file of any node holds it
+    from tests.integration.conftest import TEST_SECRET_KEY
+
+    temps = [cluster.config.ray_temp, *(cluster.config.node_temp(n) for n in NODES)]
+    files = [p for temp in temps for p in temp.rglob("*") if p.is_file() and not p.is_socket()]
+    assert len(files) > 20, temps  # the logs are there to search
+    leaked = [p for p in files if TEST_SECRET_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_sampling_tasks_spread_over_the_nodes(cluster, shards_on_s3, tmp_path):
