@@ -14,7 +14,7 @@ import ray
 
 from tasks.validation import check_int
 
-__all__ = ["ClusterTooSmall", "CodeMismatch", "check_nodes_code", "ensure_ray", "forwarded_env", "placements",
+__all__ = ["ClusterTooSmall", "CodeMismatch", "check_nodes_code", "ensure_ray", "placements",
            "quiet_worker_logs", "start_cluster", "wait_for_capacity", "worker_cpus"]
 
 logger = logging.getLogger(__name__)
@@ -30,22 +30,14 @@ def quiet_worker_logs() -> None:
     logging.getLogger(_NOISY_LOGGER).setLevel(logging.ERROR)
 
 
-def forwarded_env() -> dict[str, str]:
-    """Environment the workers of a local cluster need (S3 access): every ``AWS_*`` variable
-    that is set. A joined cluster (``RAY_ADDRESS``) gets none: its nodes hold their own
-    endpoint and credentials (docs/multinode.md), so no secret travels in Ray's job config."""
-    if os.environ.get("RAY_ADDRESS"):
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
-
-
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; no-op if initialised.
 
-    On a local cluster the ``AWS_*`` variables (S3 endpoint/credentials) go to the workers
-    through ``runtime_env`` when set (:func:`forwarded_env`); their values are never logged. A local cluster
-    advertises 127.0.0.1, has no dashboard and no usage-stats reporting; other hosts are
-    kept out by Ray's token authentication (docs/ray.md).
+    No credential travels in Ray's job config (``runtime_env``, which Ray writes to its
+    logs): a local cluster's workers inherit this process's ``AWS_*`` variables (the raylet
+    is its child), and the nodes of a joined cluster hold their own (docs/multinode.md). A
+    local cluster advertises 127.0.0.1, has no dashboard and no usage-stats reporting;
+    other hosts are kept out by Ray's token authentication (docs/ray.md).
     """
     if ray.is_initialized():
         return
@@ -53,9 +45,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         raise ValueError(f"num_cpus must be a positive int or None, got {num_cpus!r}")
     address = os.environ.get("RAY_ADDRESS") or None
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
-    env = forwarded_env()
-    if env:
-        runtime_env["env_vars"] = env
     kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": runtime_env}
     if address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,6 +186,12 @@ def test_an_s3_outage_during_a_ray_checkpoint_upload_loses_nothing(tmp_path, s3_
     # the checkpoints Ray keeps (the newest two) verify, the final one included
     for folder in ("checkpoint_00000180", "checkpoint_00000200"):
         Store(s3_bucket).read_checkpoint(f"{s3_bucket}/ray/fm-outage/{folder}")
+    # the workers reached S3 with the keys they inherited; none went through Ray's job config
+    from tests.integration.conftest import TEST_SECRET_KEY
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = [p for p in session.rglob("*") if p.is_file() and not p.is_socket()]
+    assert logs and not [p for p in logs if TEST_SECRET_KEY.encode() in p.read_bytes()]
     print(f"outage {outage['restored_at'] - outage['cut_at']:.1f}s, {relay.dropped} connection(s) refused; "
           f"step-40 folder: {outage['files_at_40']} -> {outage['read_40'][:160]}")
 
