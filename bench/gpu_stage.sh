@@ -4,7 +4,7 @@
 # GPUs, else one. Uses the machine's own python3 with PyTorch (CUDA), Ray, Accelerate and the
 # project's other dependencies; writes logs and results.json to $OUT (or ./outputs/gpu-stage).
 #   bash bench/gpu_stage.sh                 # about 3-5 minutes on one H200
-#   DEVICE=cpu STEPS=20 bash bench/gpu_stage.sh   # the same path on a CPU, a few steps (a dry run of the script)
+#   PY=.venv/bin/python DEVICE=cpu STEPS=20 bash bench/gpu_stage.sh   # the same path on a CPU (dry run: 2 min here)
 set -uo pipefail
 OUT="${OUT:-outputs/gpu-stage}"
 PY="${PY:-python3}"
