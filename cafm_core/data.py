@@ -28,6 +28,25 @@ decoded: a decompression bomb must not exhaust memory. PIL's own limit (89 Mpx w
 MIN_IMAGES = 2
 """Fewest readable images an image folder may hold."""
 
+PIXEL_SCALE = 127.5
+"""Stored pixels are uint8 ``u`` in 0..255; the model sees ``u / PIXEL_SCALE - 1`` in [-1, 1]."""
+
+
+def images_to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Quantise images in [-1, 1] to uint8 0..255 (nearest level; values outside are clipped).
+    :func:`uint8_to_images` inverts it to within half a level (``1 / 255`` in [-1, 1])."""
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return np.clip(np.rint((array.astype(np.float64) + 1.0) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+
+
+def uint8_to_images(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 -> float32 in [-1, 1] (``u / 127.5 - 1``, computed in float32: the
+    same values the image-folder reader has always produced)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise CAFMInputError(f"pixels must be uint8, got {pixels.dtype}")
+    return pixels.astype(np.float32) / np.float32(PIXEL_SCALE) - np.float32(1.0)
+
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -78,6 +97,39 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample: ``(C, H, W)`` for images, ``(D,)`` for points."""
         return tuple(self.data.shape[1:])
+
+
+@dataclass(frozen=True, eq=False)
+class PixelImages:
+    """Labelled images held as uint8 pixels ``[N, C, H, W]`` (a quarter of float32's memory),
+    turned into float32 in [-1, 1] a batch at a time (:meth:`images`): what the prepare stage
+    trains the feature network on."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    name: str = ""
+    kind: str = "image"
+
+    def __post_init__(self) -> None:
+        check_tensor("pixels", self.pixels, ndim=4, floating=False)
+        if self.pixels.dtype != torch.uint8:
+            raise CAFMInputError(f"pixels must be uint8, got {self.pixels.dtype}")
+        check_tensor("labels", self.labels, shape=(self.pixels.shape[0],), floating=False)
+        if len(self.class_names) != self.num_classes:
+            raise CAFMInputError(f"class_names has {len(self.class_names)} entries, expected {self.num_classes}")
+
+    def __len__(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape[1:])
+
+    def images(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """float32 images in [-1, 1] of rows ``index`` (the same values as :func:`uint8_to_images`)."""
+        return self.pixels[index].to(torch.float32) / PIXEL_SCALE - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +369,8 @@ class ImageFolderReport:
         }
 
 
-def _decode_image(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
-    """Decode, convert mode, center-crop to square, resize; returns float32 ``[C, R, R]`` in [-1, 1].
+def decode_image_uint8(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
+    """Decode, convert mode, center-crop to square, resize; returns uint8 ``[C, R, R]`` (0..255).
 
     The pixel count is checked from the header before decoding, so a huge image (or a
     small file claiming huge dimensions) is refused without allocating its pixels.
@@ -341,16 +393,125 @@ def _decode_image(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
     square = converted.crop((left, top, left + side, top + side))
     if side != resolution:
         square = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    array = np.asarray(square, dtype=np.float32)
+    array = np.asarray(square, dtype=np.uint8)
     if channels == 1:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
-    return array / 127.5 - 1.0
+        return np.ascontiguousarray(array[None])
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _decode_image(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
+    """:func:`decode_image_uint8` as float32 ``[C, R, R]`` in [-1, 1]."""
+    return uint8_to_images(decode_image_uint8(raw, resolution=resolution, channels=channels))
 
 
 def _entry_name(entry: dict) -> str:
     return entry["name"].rstrip("/")
+
+
+@dataclass
+class ImageFolderListing:
+    """The image files of a folder ``url/<class_name>/<files>``, in reading order: classes
+    sorted by name, files sorted within each class. ``classes`` are the subfolders holding at
+    least one image file; ``labels[i]`` is the index of ``files[i]``'s class in it, ``sizes[i]``
+    its size in bytes as listed. ``skipped_files`` are the other files (not images, hidden)."""
+
+    url: str
+    classes: list[str]
+    files: list[str]
+    labels: list[int]
+    sizes: list[int]
+    skipped_files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def open_image_folder(url: str, storage_options: dict | None = None):
+    """``(fsspec filesystem, root path)`` of an image folder URL, with clear errors."""
+    import fsspec
+
+    if not isinstance(url, str) or not url:
+        raise CAFMInputError(f"image folder url must be a non-empty string, got {url!r}")
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as error:
+        raise CAFMInputError(f"cannot open image folder {url!r}: {error}") from error
+    try:
+        root_exists = fs.isdir(root)
+    except (OSError, PermissionError) as error:
+        raise CAFMInputError(f"cannot access image folder {url!r}: {error}") from error
+    if not root_exists:
+        raise CAFMInputError(f"image folder {url!r} does not exist or is not a folder")
+    return fs, root
+
+
+def list_image_folder(url: str, *, storage_options: dict | None = None) -> ImageFolderListing:
+    """List ``url/<class_name>/<image files>`` (any fsspec URL) without reading any image."""
+    fs, root = open_image_folder(url, storage_options)
+    entries = fs.ls(root, detail=True)
+    if not entries:
+        raise CAFMInputError(f"image folder {url!r} is empty; expected class subfolders with images")
+    class_dirs = sorted(
+        (_entry_name(entry) for entry in entries if entry["type"] == "directory"),
+        key=posixpath.basename,
+    )
+    class_dirs = [path for path in class_dirs if not posixpath.basename(path).startswith(".")]
+    if not class_dirs:
+        raise CAFMInputError(
+            f"image folder {url!r} has no class subfolders; expected url/<class_name>/<image files>"
+        )
+    listing = ImageFolderListing(url=url, classes=[], files=[], labels=[], sizes=[])
+    for class_dir in class_dirs:
+        class_name = posixpath.basename(class_dir)
+        files = sorted((_entry_name(entry), int(entry.get("size") or 0))
+                       for entry in fs.ls(class_dir, detail=True) if entry["type"] == "file")
+        images = []
+        for path, size in files:
+            base = posixpath.basename(path)
+            if base.startswith(".") or not base.lower().endswith(IMAGE_EXTENSIONS):
+                listing.skipped_files.append(path)
+            else:
+                images.append((path, size))
+        if images:
+            label = len(listing.classes)
+            listing.classes.append(class_name)
+            listing.files.extend(path for path, _ in images)
+            listing.sizes.extend(size for _, size in images)
+            listing.labels.extend([label] * len(images))
+    if not listing.files:
+        raise CAFMInputError(
+            f"image folder {url!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders"
+        )
+    return listing
+
+
+def bad_fraction_exceeded(num_bad: int, num_files: int, max_bad_fraction: float) -> bool:
+    """Whether ``num_bad`` unreadable files of ``num_files`` break the ``max_bad_fraction``
+    policy. A count of bad files seen so far can only grow, so once this is True for a
+    partial count it is True for the final one."""
+    return num_files > 0 and num_bad / num_files > max_bad_fraction
+
+
+def check_bad_files(url: str, *, num_good: int, bad_files: list[str], bad_reasons: list[str], num_files: int,
+                    max_bad_fraction: float) -> None:
+    """The image-folder policy, once every file was read: some readable images, at least
+    :data:`MIN_IMAGES`, and no more than ``max_bad_fraction`` of the files unreadable."""
+    if not num_good:
+        raise CAFMInputError(
+            f"image folder {url!r} has no readable images: all {len(bad_files)} files failed "
+            f"(first: {bad_files[:3]}, {bad_reasons[:1]})"
+        )
+    if num_good < MIN_IMAGES:
+        raise CAFMInputError(
+            f"image folder {url!r} has {num_good} readable image(s); at least {MIN_IMAGES} are needed "
+            "(a generator and its evaluation statistics need more than one sample)"
+        )
+    if bad_fraction_exceeded(len(bad_files), num_files, max_bad_fraction):
+        raise CAFMInputError(
+            f"image folder {url!r}: {len(bad_files)} of {num_files} image files are unreadable "
+            f"({len(bad_files) / num_files:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
+            f"first bad files: {bad_files[:5]}"
+        )
 
 
 def read_image_folder(
@@ -367,10 +528,9 @@ def read_image_folder(
     Any fsspec URL works (a local path, ``file://``, ``s3://``). Images are converted to
     grayscale (``channels=1``) or RGB (``channels=3``), center-cropped to a square, resized
     to ``resolution`` and scaled to [-1, 1]. Unreadable files are listed in the report; if
-    their share exceeds ``max_bad_fraction`` a CAFMInputError is raised.
+    their share exceeds ``max_bad_fraction`` a CAFMInputError is raised. The whole folder is
+    held in memory: for large folders the pipeline's prepare stage streams instead.
     """
-    import fsspec
-
     if not isinstance(url, str) or not url:
         raise CAFMInputError(f"image folder url must be a non-empty string, got {url!r}")
     check_positive("resolution", resolution, integer=True)
@@ -380,50 +540,8 @@ def read_image_folder(
         raise CAFMInputError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction!r}")
     check_positive("num_threads", num_threads, integer=True)
 
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as error:
-        raise CAFMInputError(f"cannot open image folder {url!r}: {error}") from error
-    try:
-        root_exists = fs.isdir(root)
-    except (OSError, PermissionError) as error:
-        raise CAFMInputError(f"cannot access image folder {url!r}: {error}") from error
-    if not root_exists:
-        raise CAFMInputError(f"image folder {url!r} does not exist or is not a folder")
-
-    entries = fs.ls(root, detail=True)
-    if not entries:
-        raise CAFMInputError(f"image folder {url!r} is empty; expected class subfolders with images")
-    class_dirs = sorted(
-        (_entry_name(entry) for entry in entries if entry["type"] == "directory"),
-        key=posixpath.basename,
-    )
-    class_dirs = [path for path in class_dirs if not posixpath.basename(path).startswith(".")]
-    if not class_dirs:
-        raise CAFMInputError(
-            f"image folder {url!r} has no class subfolders; expected url/<class_name>/<image files>"
-        )
-
-    skipped: list[str] = []
-    candidates: list[tuple[str, str]] = []  # (class name, file path)
-    classes: list[str] = []
-    for class_dir in class_dirs:
-        class_name = posixpath.basename(class_dir)
-        files = sorted(_entry_name(entry) for entry in fs.ls(class_dir, detail=True) if entry["type"] == "file")
-        image_files = []
-        for path in files:
-            base = posixpath.basename(path)
-            if base.startswith(".") or not base.lower().endswith(IMAGE_EXTENSIONS):
-                skipped.append(path)
-            else:
-                image_files.append(path)
-        if image_files:
-            classes.append(class_name)
-            candidates.extend((class_name, path) for path in image_files)
-    if not candidates:
-        raise CAFMInputError(
-            f"image folder {url!r} has no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders"
-        )
+    listing = list_image_folder(url, storage_options=storage_options)
+    fs, _ = open_image_folder(url, storage_options)
 
     def load_one(path: str) -> np.ndarray | str:
         try:
@@ -431,20 +549,20 @@ def read_image_folder(
         except Exception as error:  # any decode or read failure marks the file bad
             return f"{type(error).__name__}: {error}"
 
-    with ThreadPoolExecutor(max_workers=min(num_threads, len(candidates))) as pool:
-        results = list(pool.map(load_one, [path for _, path in candidates]))
+    with ThreadPoolExecutor(max_workers=min(num_threads, len(listing))) as pool:
+        results = list(pool.map(load_one, listing.files))
 
-    class_index = {name: index for index, name in enumerate(classes)}
+    classes = listing.classes
     images, labels, bad_files, bad_reasons = [], [], [], []
     class_counts = {name: 0 for name in classes}
-    for (class_name, path), result in zip(candidates, results):
+    for path, label, result in zip(listing.files, listing.labels, results):
         if isinstance(result, str):
             bad_files.append(path)
             bad_reasons.append(result)
         else:
             images.append(result)
-            labels.append(class_index[class_name])
-            class_counts[class_name] += 1
+            labels.append(label)
+            class_counts[classes[label]] += 1
 
     report = ImageFolderReport(
         url=url,
@@ -454,29 +572,15 @@ def read_image_folder(
         bad_reasons=bad_reasons,
         classes=classes,
         class_counts=class_counts,
-        skipped_files=skipped,
+        skipped_files=listing.skipped_files,
     )
-    if not images:
-        raise CAFMInputError(
-            f"image folder {url!r} has no readable images: all {len(bad_files)} files failed "
-            f"(first: {bad_files[:3]}, {bad_reasons[:1]})"
-        )
-    if len(images) < MIN_IMAGES:
-        raise CAFMInputError(
-            f"image folder {url!r} has {len(images)} readable image(s); at least {MIN_IMAGES} are needed "
-            "(a generator and its evaluation statistics need more than one sample)"
-        )
-    if report.bad_fraction > max_bad_fraction:
-        raise CAFMInputError(
-            f"image folder {url!r}: {len(bad_files)} of {len(candidates)} image files are unreadable "
-            f"({report.bad_fraction:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
-            f"first bad files: {bad_files[:5]}"
-        )
+    check_bad_files(url, num_good=len(images), bad_files=bad_files, bad_reasons=bad_reasons,
+                    num_files=len(listing), max_bad_fraction=max_bad_fraction)
 
     # Drop classes whose files were all bad so labels stay dense in [0, num_classes).
     kept = [name for name in classes if class_counts[name] > 0]
     if len(kept) != len(classes):
-        remap = {class_index[name]: index for index, name in enumerate(kept)}
+        remap = dense_label_map(classes, class_counts)
         labels = [remap[label] for label in labels]
         report.classes = kept
     dataset = Dataset(
@@ -488,3 +592,10 @@ def read_image_folder(
         name=url,
     )
     return dataset, report
+
+
+def dense_label_map(classes: list[str], class_counts: dict[str, int]) -> dict[int, int]:
+    """Listing label -> label among the classes that kept at least one readable image."""
+    kept = [name for name in classes if class_counts[name] > 0]
+    position = {name: index for index, name in enumerate(kept)}
+    return {index: position[name] for index, name in enumerate(classes) if name in position}

@@ -157,6 +157,9 @@ def sample_for_evaluation(
 
 FLOOR_SPLITS = 10
 """Random splits the pipeline's noise floor is averaged over (its spread is their std)."""
+FLOOR_MAX_SAMPLES = 50_000
+"""The noise floor works from at most this many real samples (a random sample of larger
+sets): the default sample count of an image evaluation, so sizes match."""
 
 
 def noise_floor(
@@ -166,6 +169,7 @@ def noise_floor(
     real_features: torch.Tensor | None = None,
     seed: int = 0,
     splits: int = 1,
+    max_samples: int | None = FLOOR_MAX_SAMPLES,
 ) -> dict[str, dict[str, float]]:
     """The same metrics between real data and real data, as a floor for reading differences.
 
@@ -178,21 +182,38 @@ def noise_floor(
     With ``splits`` > 1 each floor is the mean over that many random splits (seeds ``seed``,
     ``seed + 1``, ...) and ``<metric>_std`` is their standard deviation: the floor's
     spread, the size of a difference that sampling alone produces at this data size.
+
+    A dataset larger than ``max_samples`` (None: no bound) is first reduced to a uniform
+    random sample of that many (drawn with ``seed``); each floor then records ``samples``.
+    Smaller sets are used whole, exactly as before.
     """
     check_positive("splits", splits, integer=True)
+    if max_samples is not None:
+        check_positive("max_samples", max_samples, integer=True)
+    n = dataset.data.shape[0]
+    sampled = max_samples is not None and n > max_samples
+    if sampled:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+        dataset = Dataset(dataset.data[keep], None if dataset.labels is None else dataset.labels[keep],
+                          dataset.num_classes, dataset.kind, list(dataset.class_names), dataset.name)
+        real_features = None if real_features is None else real_features[keep]
     if dataset.kind == "image" and real_features is None:
         if feature_net is None:
             raise CAFMInputError("the image noise floor needs the feature network")
         real_features = extract_features(feature_net, dataset.data)
     per_split = [_one_floor(dataset, real_features, seed + index) for index in range(splits)]
     if splits == 1:
-        return per_split[0]
-    result = {}
-    for name in per_split[0]:
-        values = {key: [floor[name][key] for floor in per_split] for key in per_split[0][name]}
-        result[name] = {key: statistics.fmean(v) for key, v in values.items()}
-        result[name].update({f"{key}_std": statistics.stdev(v) for key, v in values.items()})
-        result[name]["splits"] = splits
+        result = per_split[0]
+    else:
+        result = {}
+        for name in per_split[0]:
+            values = {key: [floor[name][key] for floor in per_split] for key in per_split[0][name]}
+            result[name] = {key: statistics.fmean(v) for key, v in values.items()}
+            result[name].update({f"{key}_std": statistics.stdev(v) for key, v in values.items()})
+            result[name]["splits"] = splits
+    if sampled:
+        for floor in result.values():
+            floor["samples"] = int(max_samples)
     return result
 
 

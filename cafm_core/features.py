@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cafm_core.checks import CAFMInputError, check_positive, check_tensor
-from cafm_core.data import Dataset
+from cafm_core.data import Dataset, PixelImages
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,21 @@ def _stratified_split(labels: torch.Tensor, val_fraction: float, generator: torc
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    if len(labels) == 0:
+def _accuracy(model: nn.Module, take: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor,
+              labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Share of rows ``index`` (images from ``take(rows)``) classified as ``labels[index]``."""
+    if len(index) == 0:
         return float("nan")
     correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
-    return correct / len(labels)
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size]
+        logits = model(take(rows))
+        correct += int((logits.argmax(dim=1) == labels[rows]).sum())
+    return correct / len(index)
 
 
 def train_feature_network(
-    dataset: Dataset,
+    dataset: Dataset | PixelImages,
     *,
     steps: int = 400,
     batch_size: int = 64,
@@ -168,9 +171,11 @@ def train_feature_network(
 
     Light augmentation (random 1-pixel shifts). The report holds train/val accuracy on a
     stratified split; ``callback(step, {"loss": ...})`` is called every ``log_every`` steps.
+    ``dataset`` may hold uint8 pixels (``PixelImages``): batches become float32 as they are
+    drawn, and nothing is copied whole (memory: the pixels, then one batch).
     """
-    if not isinstance(dataset, Dataset):
-        raise CAFMInputError(f"dataset must be a cafm_core.data.Dataset, got {type(dataset).__name__}")
+    if not isinstance(dataset, (Dataset, PixelImages)):
+        raise CAFMInputError(f"dataset must be a cafm_core.data.Dataset or PixelImages, got {type(dataset).__name__}")
     if dataset.kind != "image":
         raise CAFMInputError(f"the feature network needs an image dataset, got kind {dataset.kind!r}")
     if dataset.labels is None or dataset.num_classes < 2:
@@ -200,8 +205,7 @@ def train_feature_network(
     )
     model = DigitFeatureNet(config)
     train_index, val_index = _stratified_split(dataset.labels, val_fraction, generator)
-    train_images, train_labels = dataset.data[train_index], dataset.labels[train_index]
-    val_images, val_labels = dataset.data[val_index], dataset.labels[val_index]
+    take = dataset.images if isinstance(dataset, PixelImages) else (lambda rows: dataset.data[rows])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -210,9 +214,9 @@ def train_feature_network(
     model.train()
     loss_value = float("nan")
     for step in range(1, steps + 1):
-        batch = torch.randint(0, len(train_labels), (min(batch_size, len(train_labels)),), generator=generator)
-        images = _random_shift(train_images[batch], generator)
-        loss = F.cross_entropy(model(images), train_labels[batch])
+        batch = train_index[torch.randint(0, len(train_index), (min(batch_size, len(train_index)),), generator=generator)]
+        images = _random_shift(take(batch), generator)
+        loss = F.cross_entropy(model(images), dataset.labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -225,12 +229,12 @@ def train_feature_network(
 
     model.eval()
     report = {
-        "train_accuracy": _accuracy(model, train_images, train_labels),
-        "val_accuracy": _accuracy(model, val_images, val_labels),
+        "train_accuracy": _accuracy(model, take, train_index, dataset.labels),
+        "val_accuracy": _accuracy(model, take, val_index, dataset.labels),
         "final_loss": loss_value,
         "steps": steps,
-        "num_train": len(train_labels),
-        "num_val": len(val_labels),
+        "num_train": len(train_index),
+        "num_val": len(val_index),
         "seconds": time.perf_counter() - started,
         "history": history,
         "config": config.to_dict(),

@@ -58,6 +58,44 @@ def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
+class FeatureMoments:
+    """Mean and covariance of features seen in batches, never holding them all: a running
+    count, sum of ``x`` and sum of ``x x^T`` in float64. :meth:`statistics` gives what
+    :func:`feature_statistics` gives for all the rows at once (unbiased covariance); moments
+    of disjoint parts :meth:`merge` (e.g. one per shard, computed on different workers)."""
+
+    def __init__(self, dim: int) -> None:
+        check_positive("dim", dim, integer=True)
+        self.count = 0
+        self.total = np.zeros(dim, dtype=np.float64)
+        self.outer = np.zeros((dim, dim), dtype=np.float64)
+
+    def add(self, features: ArrayLike) -> FeatureMoments:
+        array = _as_features("features", features)
+        if array.shape[1] != self.total.shape[0]:
+            raise CAFMInputError(f"features have dim {array.shape[1]}, these moments {self.total.shape[0]}")
+        self.count += array.shape[0]
+        self.total += array.sum(axis=0)
+        self.outer += array.T @ array
+        return self
+
+    def merge(self, other: FeatureMoments) -> FeatureMoments:
+        if other.total.shape != self.total.shape:
+            raise CAFMInputError(f"cannot merge moments of dim {other.total.shape[0]} into dim {self.total.shape[0]}")
+        self.count += other.count
+        self.total += other.total
+        self.outer += other.outer
+        return self
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean ``[F]`` and unbiased covariance ``[F, F]`` (float64) of every row added."""
+        if self.count < 2:
+            raise CAFMInputError(f"feature statistics need at least 2 samples, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2
+
+
 def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Square root of a symmetric PSD matrix via eigendecomposition (tiny negative eigenvalues -> 0)."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)

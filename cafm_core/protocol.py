@@ -38,12 +38,17 @@ __all__ = [
     "EvaluationProtocol",
     "SampleScorer",
     "dataset_identity",
+    "default_image_samples",
     "draw_samples",
     "evaluate_under",
     "protocol_for_dataset",
+    "sample_count_note",
 ]
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_IMAGE_SAMPLES = 50_000
+"""Most samples per setting an image protocol draws unless told otherwise: the usual count
+for FID-style metrics (a dataset of a million images does not need a million samples)."""
 PICTURED_IMAGES = 50  # samples kept per image sample set for its picture
 PICTURED_POINTS = 5000  # points kept per low-dimensional sample set for its scatter plot
 
@@ -165,6 +170,24 @@ class EvaluationProtocol:
             raise CAFMInputError(f"{what} was trained on dataset {trained_on[:12]}, not on the protocol's held set "
                                  f"{self.dataset_name} ({self.dataset[:12]}): models of other data are another "
                                  "lineage and are not scored under this protocol")
+
+
+def default_image_samples(dataset_size: int) -> int:
+    """The default sample count per setting for images: ``min(dataset size, 50,000)``."""
+    return min(int(dataset_size), DEFAULT_IMAGE_SAMPLES)
+
+
+def sample_count_note(protocol: EvaluationProtocol, dataset_size: int) -> str:
+    """One sentence for a report: the sample count per setting and where it comes from."""
+    count = f"{protocol.num_samples:,} samples per setting"
+    if protocol.kind != "image":
+        return f"{count}."
+    default = default_image_samples(dataset_size)
+    if protocol.num_samples == default:
+        return (f"{count}: the default, min(dataset size {dataset_size:,}, {DEFAULT_IMAGE_SAMPLES:,}), "
+                "the usual count for FID-style metrics.")
+    return f"{count}, set explicitly (the default would be min(dataset size {dataset_size:,}, " \
+           f"{DEFAULT_IMAGE_SAMPLES:,}) = {default:,})."
 
 
 def dataset_identity(dataset: Dataset) -> str:
@@ -320,7 +343,9 @@ def protocol_for_dataset(dataset: Dataset, settings: Sequence[SamplerSetting], s
         dataset=dataset_identity(dataset), dataset_name=dataset.name, kind=dataset.kind,
         sample_shape=tuple(dataset.data.shape[1:]),
         num_classes=classes, class_counts=counts, feature_net=module_hash(feature_net),
-        reference_stats=None, settings=tuple(settings), num_samples=num_samples or dataset.data.shape[0],
+        reference_stats=None, settings=tuple(settings),
+        num_samples=num_samples or (default_image_samples(dataset.data.shape[0]) if dataset.kind == "image"
+                                    else dataset.data.shape[0]),
         seeds=tuple(seeds), shard_size=shard_size,
     )
 

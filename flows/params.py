@@ -27,6 +27,10 @@ class DataParams(_Params):
     max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of unreadable images tolerated (counted, reported)")
     num_samples: int = Field(20000, ge=16, description="synthetic sets: number of points")
     feature_steps: int = Field(400, ge=1, description="training steps of the in-domain feature network")
+    feature_sample: int = Field(50_000, ge=16, description="most images the in-domain feature network trains on (a "
+                                                           "uniform random sample drawn with the run's seed; all of "
+                                                           "them when the dataset is smaller); the reference "
+                                                           "statistics always cover every image")
 
     @model_validator(mode="after")
     def _folder_needs_shape(self) -> DataParams:
@@ -164,7 +168,9 @@ class SamplingParams(_Params):
     method: Literal["euler", "heun"] = "heun"
     nfes: list[int] = Field(default_factory=lambda: [8, 32], min_length=1)
     cfg_scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="1.0 = no guidance")
-    num_samples: int | None = Field(None, ge=16, description="per setting; default: the dataset's size (images) or 10,000 (points)")
+    num_samples: int | None = Field(None, ge=16, description="per setting; default: min(dataset size, 50,000) for "
+                                                             "images (the usual count for FID-style metrics), "
+                                                             "10,000 for points")
     shard_size: int = Field(1024, ge=16)
 
     @field_validator("nfes")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from flows.params import PipelineParams
+from tasks.dataset_format import MANIFEST_VERSION
 from tasks.run_tracking import RunTracking
 from tasks.run_variants import record_variant
 from tasks.stage_ledger import StageFolder, fingerprint, result_storage
@@ -42,7 +43,7 @@ class RunLayout:
 
     def fingerprint(self, stage: str) -> str:
         p = self.params
-        data = fingerprint(p.data.model_dump(), p.seed)
+        data = fingerprint(p.data.model_dump(), p.seed, {"format": MANIFEST_VERSION})  # a new format: new folders
         fm = fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
         start = fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint
         if p.cafm.from_scratch:  # no FM generator involved: the data, the model and the seed

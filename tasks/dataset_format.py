@@ -3,15 +3,19 @@
 The preparation stage (:mod:`tasks.prepare`) writes it; training, sampling, evaluation and
 the registry evaluation read it. Layout under a dataset URL::
 
-    shards/part-00000.parquet ...   columns x (float32 fixed-size list, the flattened sample),
-                                     label (int64, null when unlabelled), index (int64)
+    shards/part-00000.parquet ...   columns x (fixed-size list, the flattened sample: uint8 pixels
+                                     0..255 for images, float32 for points), label (int64, null
+                                     when unlabelled), index (int64, strictly increasing)
+    shards/part-00000.done.json ... image folders: what each shard holds (written after it; resume)
     feature_net/                     cafm_core checkpoint of the in-domain classifier (labelled images)
     reference_stats.safetensors      mu / sigma of the real data's features (labelled images)
     manifest.json                    what was written, with sha256 of every shard and file
     _COMPLETE.json                   written last; without it the output does not exist
 
 Readers verify the manifest against ``_COMPLETE.json`` and every shard and file against the
-manifest's sha256 before using them.
+manifest's sha256 before using them. Image pixels are stored as uint8 and read as float32
+``u / 127.5 - 1`` in [-1, 1] (``cafm_core.data.uint8_to_images``); the Parquet type of ``x``
+decides, so float32 shards of older runs (manifest version 1) read as before.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cafm_core.checks import CAFMInputError
-from cafm_core.data import Dataset
+from cafm_core.data import Dataset, uint8_to_images
 from cafm_core.features import DigitFeatureNet
 from tasks.storage import IncompleteOutputError, Store, join_url
 
@@ -35,7 +39,10 @@ FEATURE_NET_DIR = "feature_net"
 REFERENCE_STATS_FILE = "reference_stats.safetensors"
 OUTPUT_ENTRIES = (MANIFEST_FILE, SHARDS_DIR, FEATURE_NET_DIR, REFERENCE_STATS_FILE)
 MANIFEST_FORMAT = "cafm_prepared_dataset"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: image pixels stored as uint8 (``pixel_encoding`` in the manifest); index may leave gaps
+(unreadable files of an image folder). 1: float32 pixels, index 0..count-1."""
+READABLE_VERSIONS = (1, 2)
 POINTS_SAMPLE_COUNT = 10_000  # evaluation samples per setting for low-dimensional sets when none is given
 
 
@@ -52,43 +59,65 @@ def shard_path(number: int) -> str:
     return f"{SHARDS_DIR}/part-{number:05d}.parquet"
 
 
-def shard_columns(sample_shape: tuple[int, ...]) -> dict[str, str]:
-    """The shard columns as the manifest describes them."""
+def pixel_encoding(kind: str) -> dict:
+    """How ``x`` is stored, as the manifest records it: uint8 pixels for images, float32 points."""
+    if kind == "image":
+        return {"dtype": "uint8", "decode": "x / 127.5 - 1", "value_range": [-1.0, 1.0]}
+    return {"dtype": "float32", "decode": "as stored"}
+
+
+def shard_columns(sample_shape: tuple[int, ...], dtype: str = "float32") -> dict[str, str]:
+    """The shard columns as the manifest describes them (``dtype``: that of ``x``'s values)."""
+    what = "uint8 pixels 0..255, read as x / 127.5 - 1" if dtype == "uint8" else "float32 values"
     return {
-        "x": f"float32 fixed_size_list[{math.prod(sample_shape)}]: the sample flattened (C-order) from {list(sample_shape)}",
+        "x": f"{dtype} fixed_size_list[{math.prod(sample_shape)}]: the sample flattened (C-order) from "
+             f"{list(sample_shape)}; {what}",
         "label": "int64 class index (null when unlabelled)",
-        "index": "int64 position in the dataset",
+        "index": "int64 position in the dataset (image folders: in the file listing; unreadable files leave gaps)",
     }
 
 
 def shard_to_bytes(x: np.ndarray, labels: np.ndarray | None, index: np.ndarray, sample_shape: tuple[int, ...]) -> bytes:
-    """One Parquet shard: ``x`` float32 ``[n, D]`` as a fixed-size list, ``label`` int64 (nullable), ``index``."""
+    """One Parquet shard: ``x`` ``[n, D]`` as a fixed-size list (uint8 when ``x`` is uint8 —
+    image pixels — else float32), ``label`` int64 (nullable), ``index``."""
     rows, width = x.shape
-    values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), type=pa.float32())
+    if x.dtype == np.uint8:
+        values = pa.array(np.ascontiguousarray(x).reshape(-1), type=pa.uint8())
+    else:
+        values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), type=pa.float32())
     columns = {
         "x": pa.FixedSizeListArray.from_arrays(values, width),
         "label": pa.array(labels, type=pa.int64()) if labels is not None else pa.nulls(rows, type=pa.int64()),
         "index": pa.array(index, type=pa.int64()),
     }
     table = pa.table(columns).replace_schema_metadata(
-        {"cafm.sample_shape": json.dumps(list(sample_shape)), "cafm.format": MANIFEST_FORMAT}
+        {"cafm.sample_shape": json.dumps(list(sample_shape)), "cafm.format": MANIFEST_FORMAT,
+         "cafm.pixel_dtype": "uint8" if x.dtype == np.uint8 else "float32"}
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
 
-def shard_from_bytes(data: bytes, url: str, sample_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``(x, labels or None, index)`` of one shard; ``url`` names it in errors."""
+def shard_from_bytes(data: bytes, url: str, sample_shape: tuple[int, ...], *,
+                     raw: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(x, labels or None, index)`` of one shard; ``url`` names it in errors. ``x`` is
+    float32 (uint8 pixels scaled to [-1, 1]); with ``raw`` it is as stored (uint8 or float32)."""
     table = pq.read_table(pa.BufferReader(data))
     missing = {"x", "label", "index"} - set(table.column_names)
     if missing:
         raise CAFMInputError(f"shard {url} lacks columns {sorted(missing)}")
     width = math.prod(sample_shape)
     x_column = table.column("x").combine_chunks()
-    if not pa.types.is_fixed_size_list(x_column.type) or x_column.type.list_size != width:
-        raise CAFMInputError(f"shard {url}: column x has type {x_column.type}, expected fixed_size_list<float>[{width}]")
-    x = x_column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    x_type = x_column.type
+    if (not pa.types.is_fixed_size_list(x_type) or x_type.list_size != width
+            or not (pa.types.is_floating(x_type.value_type) or x_type.value_type == pa.uint8())):
+        raise CAFMInputError(f"shard {url}: column x has type {x_type}, expected fixed_size_list<float or uint8>[{width}]")
+    x = x_column.flatten().to_numpy(zero_copy_only=False)
+    if x.dtype == np.uint8:
+        x = x if raw else uint8_to_images(x)
+    else:
+        x = x.astype(np.float32, copy=False)
     x = x.reshape(table.num_rows, *sample_shape)
     label_column = table.column("label")
     if label_column.null_count == table.num_rows:
@@ -191,8 +220,9 @@ def read_manifest(store: Store, data_url: str) -> dict:
     manifest = json.loads(data.decode("utf-8"))
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise CAFMInputError(f"{manifest_url} is not a {MANIFEST_FORMAT} manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CAFMInputError(f"{manifest_url} has version {manifest.get('version')!r}; expected {MANIFEST_VERSION}")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise CAFMInputError(f"{manifest_url} has version {manifest.get('version')!r}; expected one of "
+                             f"{list(READABLE_VERSIONS)}")
     return manifest
 
 
@@ -202,25 +232,41 @@ def shard_urls(store: Store, data_url: str) -> list[str]:
     return [join_url(data_url, shard["path"]) for shard in manifest["shards"]]
 
 
-def load_prepared(store: Store, data_url: str) -> tuple[Dataset, dict]:
-    """Rebuild the Dataset of a complete prepared output after verifying every shard's sha256."""
-    manifest = read_manifest(store, data_url)
+def read_shard(store: Store, data_url: str, entry: dict, sample_shape: tuple[int, ...], *,
+               raw: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """One shard of a manifest (``entry``: its ``path``, ``sha256``, ``rows``), verified;
+    ``(x, labels or None, index)`` as :func:`shard_from_bytes` gives them."""
+    url = join_url(data_url, entry["path"])
+    data = store.read_bytes(url)
+    if sha256_hex(data) != entry["sha256"]:
+        raise CAFMInputError(f"checksum mismatch for shard {url}: sha256 differs from the manifest (corrupted)")
+    x, labels, index = shard_from_bytes(data, url, sample_shape, raw=raw)
+    if len(index) != entry["rows"]:
+        raise CAFMInputError(f"shard {url} has {len(index)} rows; the manifest says {entry['rows']}")
+    return x, labels, index
+
+
+def iter_shards(store: Store, data_url: str, manifest: dict | None = None, *, raw: bool = False):
+    """The shards of a complete prepared dataset one at a time, verified: ``(x, labels or
+    None, index)`` per shard (memory: one shard)."""
+    manifest = manifest if manifest is not None else read_manifest(store, data_url)
     sample_shape = tuple(manifest["sample_shape"])
+    for entry in manifest["shards"]:
+        yield read_shard(store, data_url, entry, sample_shape, raw=raw)
+
+
+def load_prepared(store: Store, data_url: str) -> tuple[Dataset, dict]:
+    """Rebuild the Dataset of a complete prepared output after verifying every shard's sha256
+    (the whole dataset in memory, as float32: for evaluation-sized sets)."""
+    manifest = read_manifest(store, data_url)
     xs, label_parts, indices = [], [], []
-    for shard in manifest["shards"]:
-        url = join_url(data_url, shard["path"])
-        data = store.read_bytes(url)
-        if sha256_hex(data) != shard["sha256"]:
-            raise CAFMInputError(f"checksum mismatch for shard {url}: sha256 differs from the manifest (corrupted)")
-        x, labels, index = shard_from_bytes(data, url, sample_shape)
-        if len(index) != shard["rows"]:
-            raise CAFMInputError(f"shard {url} has {len(index)} rows; the manifest says {shard['rows']}")
+    for x, labels, index in iter_shards(store, data_url, manifest):
         xs.append(x)
         label_parts.append(labels)
         indices.append(index)
     index = np.concatenate(indices)
-    if len(index) != manifest["count"] or not np.array_equal(index, np.arange(len(index))):
-        raise CAFMInputError(f"shards of {data_url} do not hold samples 0..{manifest['count'] - 1} in order")
+    if len(index) != manifest["count"] or (len(index) and index[0] < 0) or np.any(np.diff(index) <= 0):
+        raise CAFMInputError(f"shards of {data_url} do not hold {manifest['count']} samples in order")
     unlabelled = [labels is None for labels in label_parts]
     if any(unlabelled) and not all(unlabelled):
         raise CAFMInputError(f"shards of {data_url} mix labelled and unlabelled rows")
@@ -295,10 +341,10 @@ def evaluation_protocol(store: Store, data_url: str, *, settings, seeds, num_sam
                         shard_size: int = 1024):
     """The ``cafm_core.protocol.EvaluationProtocol`` of a prepared dataset as the held set:
     its identity, the hashes of its frozen feature network (the checkpoint's checksum marker)
-    and reference statistics, and the sampling. ``num_samples`` defaults to the dataset's
-    size for images and 10,000 for points."""
+    and reference statistics, and the sampling. ``num_samples`` defaults to min(dataset
+    size, 50,000) for images (``cafm_core.protocol.default_image_samples``) and 10,000 for points."""
     from cafm_core.checkpoint import MARKER_FILE
-    from cafm_core.protocol import EvaluationProtocol
+    from cafm_core.protocol import EvaluationProtocol, default_image_samples
 
     manifest = read_manifest(store, data_url)
     image = manifest["kind"] == "image"
@@ -314,7 +360,7 @@ def evaluation_protocol(store: Store, data_url: str, *, settings, seeds, num_sam
         sample_shape=tuple(manifest["sample_shape"]),
         num_classes=classes, class_counts=tuple(counts) if counts else None, feature_net=feature_net,
         reference_stats=reference_stats, settings=tuple(settings),
-        num_samples=num_samples or (manifest["count"] if image else POINTS_SAMPLE_COUNT),
+        num_samples=num_samples or (default_image_samples(manifest["count"]) if image else POINTS_SAMPLE_COUNT),
         seeds=tuple(seeds), shard_size=shard_size, data_url=data_url,
     )
 

@@ -28,7 +28,7 @@ from cafm_core.models import MLPConfig, dit_config
 from cafm_core.plots import training_curves
 from tasks.dataset_format import dataset_identity, evaluation_protocol, shard_urls
 from tasks.prefect_artifacts import publish_image
-from tasks.prepare import prepare_dataset
+from tasks.prepare import FEATURE_SAMPLE, prepare_dataset
 from tasks.ray_cluster import start_cluster, worker_cpus
 from tasks.run_tracking import RunTracking, stage_logger
 from tasks.promotion import promote
@@ -88,7 +88,8 @@ def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracki
         manifest = prepare_dataset(
             data["source"], folder.store, folder.join("out"), resolution=data["resolution"],
             channels=data["channels"], max_bad_fraction=data["max_bad_fraction"],
-            feature_steps=data["feature_steps"], seed=seed, num_samples=data["num_samples"],
+            feature_steps=data["feature_steps"], feature_sample=data.get("feature_sample", FEATURE_SAMPLE), seed=seed,
+            num_samples=data["num_samples"],
         )
         tracker.log_metrics({"count": manifest["count"], "num_classes": manifest["num_classes"]})
         tracker.log_dict(manifest, "manifest.json")

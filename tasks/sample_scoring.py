@@ -14,6 +14,7 @@ import io
 import torch
 
 from cafm_core.evaluation import (
+    FLOOR_MAX_SAMPLES,
     FLOOR_SPLITS,
     IMAGE_METRICS,
     POINT_METRICS,
@@ -25,7 +26,7 @@ from cafm_core.evaluation import (
 )
 from cafm_core.features import extract_features, load_inception_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
-from cafm_core.protocol import EvaluationProtocol, SampleScorer
+from cafm_core.protocol import EvaluationProtocol, SampleScorer, sample_count_note
 from tasks.dataset_format import load_for_evaluation
 from tasks.sampling import read_samples, sample_set_key
 from tasks.storage import Store
@@ -97,9 +98,12 @@ def score_samples(
         f"# FM vs CAFM on {manifest['name']}\n\n{table}\n\n"
         f"Identical sampler settings, noise and labels for every model; "
         f"{len(seeds)} seed(s); the noise floor rows compare real data with real data. "
-        f"Evaluation protocol `{protocol.id}` (held set {protocol.dataset_name} `{protocol.dataset[:12]}`, "
-        f"{protocol.num_samples} samples per setting): numbers under another protocol id are not comparable.\n"
+        f"Evaluation protocol `{protocol.id}` (held set {protocol.dataset_name} `{protocol.dataset[:12]}`): "
+        f"numbers under another protocol id are not comparable. {sample_count_note(protocol, manifest['count'])}\n"
     )
+    if len(dataset) > FLOOR_MAX_SAMPLES:
+        report += (f"\nThe noise floor compares real with real images within a random sample of {FLOOR_MAX_SAMPLES:,} "
+                   f"of the {len(dataset):,}.\n")
     if differences:
         report += f"\nPaired by seed (same noise and labels; lower is better except class_accuracy):\n\n{format_differences(differences, floor=floor)}\n"
     result = {"rows": rows, "summary": summary, "noise_floor": floor, "table": table, "differences": differences,

@@ -1,9 +1,11 @@
 """The prepared Parquet shards as training batches: checked before Ray starts, read with
 Ray Data, collated into tensors in the workers.
 
-A shard row is ``x`` (a list of floats, the sample flattened) and, for labelled data,
-``label`` (an int; null for unlabelled rows). The format's writer is the prepare stage
-(``tasks.dataset_format``).
+A shard row is ``x`` (the sample flattened: uint8 pixels 0..255 for images, floats for
+points and for the float32 image shards of older runs) and, for labelled data, ``label``
+(an int; null for unlabelled rows). uint8 pixels become float32 ``u / 127.5 - 1`` in
+[-1, 1] when a batch is collated; the Parquet type decides. The format's writer is the
+prepare stage (``tasks.dataset_format``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
 
+from cafm_core.data import uint8_to_images
 from tasks.arrow_storage import filesystem_and_paths
 
 __all__ = ["ShardCollate", "inspect_shards", "read_shards", "worker_batches"]
@@ -60,9 +63,9 @@ def inspect_shards(urls: list[str], sample_shape: tuple[int, ...], num_classes: 
             raise ValueError(f"shard {url!r} has no column 'x' (columns: {schema.names})")
         x_type = schema.field("x").type
         if not (pa.types.is_list(x_type) or pa.types.is_large_list(x_type) or pa.types.is_fixed_size_list(x_type)):
-            raise ValueError(f"shard {url!r}: column 'x' must be a list of floats, got {x_type}")
-        if not pa.types.is_floating(x_type.value_type):
-            raise ValueError(f"shard {url!r}: column 'x' must hold floats, got {x_type.value_type}")
+            raise ValueError(f"shard {url!r}: column 'x' must be a list of floats or uint8 pixels, got {x_type}")
+        if not (pa.types.is_floating(x_type.value_type) or x_type.value_type == pa.uint8()):
+            raise ValueError(f"shard {url!r}: column 'x' must hold floats or uint8 pixels, got {x_type.value_type}")
         if pa.types.is_fixed_size_list(x_type) and x_type.list_size != features:
             raise ValueError(
                 f"shard {url!r}: rows of 'x' have {x_type.list_size} values but sample_shape "
@@ -102,7 +105,8 @@ def read_shards(urls: list[str], columns: list[str]):
 
 
 class ShardCollate(ArrowBatchCollateFn):
-    """Arrow batch -> ``(x [B, *sample_shape] float32, labels [B] int64 or None)``.
+    """Arrow batch -> ``(x [B, *sample_shape] float32, labels [B] int64 or None)``; uint8
+    pixels are scaled to [-1, 1] here.
 
     Null labels (unlabelled rows) become the null class ``num_classes`` (trained like the
     dropped labels used for CFG); with ``num_classes == 0`` labels are ignored.
@@ -121,7 +125,10 @@ class ShardCollate(ArrowBatchCollateFn):
         if pc.min(lengths).as_py() != features or pc.max(lengths).as_py() != features or column.null_count:
             raise ValueError(f"rows of 'x' must have exactly {features} values for sample_shape {self.sample_shape}")
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-        x = torch.tensor(values.reshape(rows, *self.sample_shape), dtype=torch.float32)  # copies: Arrow memory is read-only
+        if values.dtype == "uint8":  # image pixels: scaled to [-1, 1] (a new, writable array)
+            x = torch.from_numpy(uint8_to_images(values).reshape(rows, *self.sample_shape))
+        else:
+            x = torch.tensor(values.reshape(rows, *self.sample_shape), dtype=torch.float32)  # copies: Arrow memory is read-only
         if self.num_classes == 0 or "label" not in batch.column_names:
             return x, None
         labels = pc.fill_null(batch.column("label"), self.num_classes).to_numpy()

@@ -13,7 +13,7 @@ from cafm_core.checkpoint import model_to_tensors
 from cafm_core.checks import CAFMInputError
 from cafm_core.evaluation import SamplerSetting
 from cafm_core.models import build_generator, dit_config
-from cafm_core.protocol import EvaluationProtocol
+from cafm_core.protocol import EvaluationProtocol, sample_count_note
 from tasks.dataset_format import dataset_identity, evaluation_protocol, load_for_evaluation, read_manifest
 from tasks.prepare import prepare_dataset
 from tasks.sample_scoring import score_samples
@@ -53,7 +53,10 @@ def _pipeline_rows(store: Store, protocol) -> list[dict]:
                 spec = ShardSpec(store.url("generator"), store.url("samples", key, f"part-{number:05d}.safetensors"),
                                  protocol.to_dict(), setting, draw)
                 layout[key].append(generate_shard(store.root, spec, "cpu"))
-    return score_samples(store, protocol=protocol, sample_layout=layout, out_url=store.url("eval"))["rows"]
+    result = score_samples(store, protocol=protocol, sample_layout=layout, out_url=store.url("eval"))
+    assert sample_count_note(protocol, 1797) in result["report"]  # the report states the count and its origin
+    assert "set explicitly" in result["report"] and f"{protocol.num_samples:,} samples" in result["report"]
+    return result["rows"]
 
 
 def test_the_pipelines_and_the_sweeps_evaluation_give_the_same_numbers(prepared, one_torch_thread):

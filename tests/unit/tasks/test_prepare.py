@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cafm_core.checks import CAFMInputError
-from cafm_core.data import load_builtin, read_image_folder
+from cafm_core.data import images_to_uint8, load_builtin, read_image_folder, uint8_to_images
 from cafm_core.features import DigitFeatureNet
 from tasks import dataset_format
 from tasks import prepare as prepare_module
@@ -80,17 +80,20 @@ def test_digits_shards_are_plain_parquet(digits_prepared):
     table = pq.read_table(shard_urls(store, out)[1])
     assert table.column_names == ["x", "label", "index"]
     x_type = table.schema.field("x").type
-    assert pa.types.is_fixed_size_list(x_type) and x_type.list_size == 64 and x_type.value_type == pa.float32()
+    assert pa.types.is_fixed_size_list(x_type) and x_type.list_size == 64 and x_type.value_type == pa.uint8()
     assert table.column("index").to_pylist()[0] == 1000
     assert json.loads(table.schema.metadata[b"cafm.sample_shape"]) == [1, 8, 8]
 
 
-def test_load_prepared_equals_builtin_exactly(digits_prepared):
+def test_load_prepared_equals_builtin_quantised_to_uint8(digits_prepared):
     store, out, manifest = digits_prepared
     dataset, loaded_manifest = load_prepared(store, out)
     reference = load_builtin("digits")
     assert loaded_manifest == manifest
-    assert dataset.data.dtype == torch.float32 and torch.equal(dataset.data, reference.data)
+    assert manifest["pixel_encoding"]["dtype"] == "uint8"
+    quantised = torch.from_numpy(uint8_to_images(images_to_uint8(reference.data)))
+    assert dataset.data.dtype == torch.float32 and torch.equal(dataset.data, quantised)
+    assert (dataset.data - reference.data).abs().max() <= 1 / 255 + 1e-6  # half a level in [-1, 1]
     assert torch.equal(dataset.labels, reference.labels)
     assert dataset.num_classes == 10 and dataset.kind == "image" and dataset.class_names == reference.class_names
 
