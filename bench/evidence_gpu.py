@@ -104,6 +104,10 @@ def _run_all(jobs: list[dict], on_done=None) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
+def _seconds(stage: dict, seed: int) -> str:
+    return "" if stage["seconds"] is None else f" ({stage['seconds']:.0f} s for seed {seed})"
+
+
 def per_training_seed(results: list[dict], seeds: list[int]) -> list[dict]:
     """One row per (model, setting, training seed): each metric averaged over the sampling seeds."""
     rows = []
@@ -155,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=330, help="seconds of training (FM + CAFM) for auto steps")
     parser.add_argument("--calibration-steps", type=int, default=150, help="FM and CAFM steps of the calibration run")
     parser.add_argument("--smoke", action="store_true", help="smoke-sized evaluation (256 samples), for a quick check")
+    parser.add_argument("--evaluate", metavar="DIR",
+                        help="no training: evaluate the checkpoints DIR/seedN/{fm,cafm} of an earlier run (its <work>/main), "
+                             "e.g. trained on a GPU and evaluated on a CPU; pass that run's --fm-steps/--cafm-steps/--preset/--batch")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible (use --device cpu for a check)")
@@ -173,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
              "batch_size": args.batch, "dtype": args.dtype, "fm_overrides": PIPELINE_FM,
              "cafm_overrides": {**PIPELINE_CAFM, "warmup_steps": warmup},
              "eval_seeds": tuple(args.eval_seeds) if profile == "default" else (args.eval_seeds[0],),
-             "feature_seed": 0, "threads": threads, "log": str(work / f"{phase}-seed{seed}.log")}
+             "feature_seed": 0, "threads": threads, "log": str(work / f"{phase}-seed{seed}.log"),
+             **({"trained": str(Path(args.evaluate) / f"seed{seed}")} if args.evaluate else {})}
             for seed in args.seeds
         ]
 
@@ -188,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     try:
         fm_steps, cafm_steps = args.fm_steps, args.cafm_steps
+        if args.evaluate and "auto" in (fm_steps, cafm_steps):
+            parser.error("--evaluate needs the trained run's --fm-steps and --cafm-steps")
         if "auto" in (fm_steps, cafm_steps):
             print(f"calibration: {args.calibration_steps} FM + {args.calibration_steps} CAFM steps per seed, smoke-sized", flush=True)
             results = _run_all(jobs("calibration", args.calibration_steps, args.calibration_steps, "smoke", args.calibration_steps // 5))
@@ -226,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command}` ({seconds / 60:.1f} min in all). torch {torch.__version__}.",
         f"Model: {first['model']}. Batch {args.batch}. Training seeds {args.seeds} (one process each, at once); "
         f"sampling seeds {list(first['eval_seeds'])} per model, averaged within a training seed.",
-        f"FM: {fm_steps} steps ({first['fm']['seconds']:.0f} s for seed {args.seeds[0]}); CAFM: {cafm_steps} steps, "
-        f"{first['cafm']['generator_steps']} generator steps ({first['cafm']['seconds']:.0f} s); "
-        f"settings as the pipeline's digits defaults. Feature network val accuracy "
+        f"FM: {fm_steps} steps{_seconds(first['fm'], args.seeds[0])}; CAFM: {cafm_steps} steps, "
+        f"{first['cafm']['generator_steps']} generator steps{_seconds(first['cafm'], args.seeds[0])}; "
+        f"settings as the pipeline's digits defaults. "
+        + (f"Checkpoints of {args.evaluate}, evaluated on {device_name}. " if args.evaluate else "")
+        + f"Feature network val accuracy "
         f"{sorted({r['feature_val_accuracy'] for r in results})}.",
         "" if calibration is None else (
             f"Calibration: {calibration['fm_ms_per_step']:.1f} ms per FM step, {calibration['cafm_ms_per_step']:.1f} ms "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cafm_core.checkpoint import save_model
+from cafm_core.checkpoint import load_model, save_model
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import BUILTIN_DATASETS, load_builtin
 from cafm_core.ema import EMA
@@ -90,6 +90,7 @@ def run_demo(
     cafm_overrides: dict | None = None,
     eval_seeds: tuple[int, ...] | None = None,
     feature_seed: int | None = None,
+    trained: str | Path | None = None,
 ) -> dict:
     """Run the whole demo and return the metrics (also written to ``output``).
 
@@ -98,7 +99,9 @@ def run_demo(
     under ``torch.autocast``; sampling and evaluation stay in float32) scale the demo up, e.g.
     on a GPU (``bench/evidence_gpu.py``). ``eval_seeds`` are the sampling seeds (default:
     ``seed``); ``feature_seed`` seeds the feature network (default: ``seed``), so that runs of
-    several training seeds can share one metric.
+    several training seeds can share one metric. ``trained``: a folder holding ``fm/`` and
+    ``cafm/`` checkpoints of an earlier run (trained elsewhere, e.g. on a GPU); both stages are
+    then loaded instead of trained, and only the evaluation runs here.
     """
     if dataset_name not in BUILTIN_DATASETS:
         raise CAFMInputError(f"unknown dataset {dataset_name!r}; expected one of {list(BUILTIN_DATASETS)}")
@@ -149,26 +152,32 @@ def run_demo(
         feature_net, feature_report = train_feature_network(dataset, steps=chosen.feature_steps, seed=feature_seed)
         print(f"  val accuracy {feature_report['val_accuracy']:.3f}", flush=True)
 
-    train_labels = dataset.labels if model_config.num_classes > 0 else None
-    batches = infinite_batches(dataset.data, train_labels, fm_config.batch_size, seed=seed)
-    generator = build_generator(model_config).to(device)
-    fm_ema = EMA(generator, decay=fm_config.ema_decay, warmup=True)
-    print(f"FM pretraining: {fm_config.steps} steps", flush=True)
-    fm_result = train_flow_matching(generator, batches, fm_config, ema=fm_ema, device=device,
-                                    callback=_progress("FM", fm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
-    fm_ema.copy_to(generator)  # the pretrained generator is the EMA
-    save_model(output / "fm", generator, metadata={"stage": "fm", **fm_config.to_dict()})
-    fm_model = copy.deepcopy(generator)
+    if trained is not None:
+        trained = Path(trained)
+        print(f"loading the FM and CAFM checkpoints of {trained} (no training here)", flush=True)
+        fm_model, generator = load_model(trained / "fm").to(device), load_model(trained / "cafm").to(device)
+        fm_result = cafm_result = None
+    else:
+        train_labels = dataset.labels if model_config.num_classes > 0 else None
+        batches = infinite_batches(dataset.data, train_labels, fm_config.batch_size, seed=seed)
+        generator = build_generator(model_config).to(device)
+        fm_ema = EMA(generator, decay=fm_config.ema_decay, warmup=True)
+        print(f"FM pretraining: {fm_config.steps} steps", flush=True)
+        fm_result = train_flow_matching(generator, batches, fm_config, ema=fm_ema, device=device,
+                                        callback=_progress("FM", fm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
+        fm_ema.copy_to(generator)  # the pretrained generator is the EMA
+        save_model(output / "fm", generator, metadata={"stage": "fm", **fm_config.to_dict()})
+        fm_model = copy.deepcopy(generator)
 
-    discriminator = discriminator_from_generator(generator)
-    cafm_ema = EMA(generator, decay=cafm_config.ema_decay, warmup=cafm_config.ema_warmup)
-    print(f"CAFM post-training: {cafm_config.steps} steps ({cafm_config.warmup_steps} D-only warmup, "
-          f"N={cafm_config.discriminator_steps}, {cafm_config.num_generator_steps} G steps, {logit_mode} logits)", flush=True)
-    cafm_batches = infinite_batches(dataset.data, train_labels, cafm_config.batch_size, seed=seed + 1)
-    cafm_result = train_cafm(generator, discriminator, cafm_batches, cafm_config, ema=cafm_ema, device=device,
-                             callback=_progress("CAFM", cafm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
-    cafm_ema.copy_to(generator)
-    save_model(output / "cafm", generator, metadata={"stage": "cafm", **cafm_config.to_dict()})
+        discriminator = discriminator_from_generator(generator)
+        cafm_ema = EMA(generator, decay=cafm_config.ema_decay, warmup=cafm_config.ema_warmup)
+        print(f"CAFM post-training: {cafm_config.steps} steps ({cafm_config.warmup_steps} D-only warmup, "
+              f"N={cafm_config.discriminator_steps}, {cafm_config.num_generator_steps} G steps, {logit_mode} logits)", flush=True)
+        cafm_batches = infinite_batches(dataset.data, train_labels, cafm_config.batch_size, seed=seed + 1)
+        cafm_result = train_cafm(generator, discriminator, cafm_batches, cafm_config, ema=cafm_ema, device=device,
+                                 callback=_progress("CAFM", cafm_config.steps), autocast_dtype=TRAIN_DTYPES[dtype])
+        cafm_ema.copy_to(generator)
+        save_model(output / "cafm", generator, metadata={"stage": "cafm", **cafm_config.to_dict()})
 
     print("evaluation at identical sampler settings (guidance-free)", flush=True)
     eval_samples = chosen.eval_samples or (None if image else 10000)
@@ -206,17 +215,20 @@ def run_demo(
         "protocol_id": protocol.id,
         "feature_seed": feature_seed,
         "feature_val_accuracy": feature_report["val_accuracy"] if feature_net is not None else None,
-        "fm": {"config": fm_config.to_dict(), "seconds": fm_result.seconds, "final": fm_result.history[-1]},
-        "cafm": {"config": cafm_config.to_dict(), "seconds": cafm_result.seconds, "final": cafm_result.history[-1],
-                 "generator_steps": cafm_config.num_generator_steps},
+        "fm": {"config": fm_config.to_dict(), "seconds": fm_result and fm_result.seconds,
+               "final": fm_result and fm_result.history[-1]},
+        "cafm": {"config": cafm_config.to_dict(), "seconds": cafm_result and cafm_result.seconds,
+                 "final": cafm_result and cafm_result.history[-1], "generator_steps": cafm_config.num_generator_steps},
+        "trained": None if trained is None else str(trained),
         "rows": rows,
         "noise_floor": floor,
         "seconds": seconds,
     }
     (output / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-    report = (f"# FM vs CAFM on {dataset_name} ({profile} profile)\n\n{table}\n\n"
-              f"FM {fm_config.steps} steps ({fm_result.seconds:.0f}s); CAFM {cafm_config.steps} steps, "
-              f"{cafm_config.num_generator_steps} generator steps ({cafm_result.seconds:.0f}s); total {seconds:.0f}s.\n")
+    trained_line = (f"FM {fm_config.steps} steps ({fm_result.seconds:.0f}s); CAFM {cafm_config.steps} steps, "
+                    f"{cafm_config.num_generator_steps} generator steps ({cafm_result.seconds:.0f}s)"
+                    if trained is None else f"checkpoints of {trained}, evaluated here")
+    report = f"# FM vs CAFM on {dataset_name} ({profile} profile)\n\n{table}\n\n{trained_line}; total {seconds:.0f}s.\n"
     (output / "report.md").write_text(report)
     print("\n" + table)
     print(f"\nwrote {output}/: fm/, cafm/ (checkpoints), samples.png, metrics.json, report.md  [{seconds:.0f}s]")

@@ -45,7 +45,7 @@ from tasks.arrow_storage import ray_storage
 from tasks.code_version import code_identity
 from tasks.ray_cluster import ClusterTooSmall, start_cluster, worker_cpus
 from tasks.train.configs import MIXED_PRECISION_MODES, divergence_guard, json_config, train_config
-from tasks.train.shards import inspect_shards, read_shards
+from tasks.train.shards import holds_in_memory, inspect_shards, read_shards
 from tasks.train.train_state import TRAIN_STATE_FORMAT, RunCheckpoints, load_ray_checkpoint, verified_state
 from tasks.train.worker_loop import train_worker
 from tasks.validation import check_int
@@ -247,6 +247,8 @@ def _run(
         "mixed_precision": mixed_precision,
         "use_gpu": bool(use_gpu),
         "threads": cpus,
+        # a small share of rows per worker is read once and reshuffled in memory each epoch
+        "in_memory": holds_in_memory(per_worker, shape),
         "curve": curve,
         "divergence": guard.to_dict(),
         "storage_path": storage_path,
@@ -451,6 +453,8 @@ def _outputs(
         "workers": list(returned.get("workers") or []),
         # divergences survived: {at_step, to_step, reason, learning_rates} each
         "rollbacks": list(returned.get("rollbacks") or saved_meta.get("rollbacks") or []),
+        # rank 0's set-up and step-loop seconds (absent when nothing trained)
+        "timing": returned.get("timing"),
     }
     if stage == "cafm":
         discriminator = build_discriminator(model_config)

@@ -26,7 +26,8 @@ from torch import Tensor
 from cafm_core.data import uint8_to_images
 from tasks.arrow_storage import filesystem_and_paths
 
-__all__ = ["ShardCollate", "inspect_shards", "read_shards", "worker_batches"]
+__all__ = ["IN_MEMORY_MAX_BYTES", "ShardCollate", "holds_in_memory", "in_memory_batches", "inspect_shards", "read_shards",
+           "worker_batches"]
 
 SHUFFLE_BUFFER_MIN = 1024
 
@@ -138,9 +139,29 @@ class ShardCollate(ArrowBatchCollateFn):
         return x, y
 
 
-def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """This Ray Train worker's shard, epoch after epoch, as full batches on ``device``."""
+IN_MEMORY_MAX_BYTES = 1 << 30
+"""A worker whose share of the prepared rows takes at most this many bytes as float32 tensors
+holds them in memory after its first pass (on its GPU when it has one) and draws later epochs
+there: Ray Data then reads each row once per run instead of once per epoch (a small set such
+as digits, 14 batches an epoch, would otherwise restart Ray Data's streaming execution every
+14 steps). Larger shares stream from storage every epoch."""
+
+
+def holds_in_memory(rows_per_worker: int, sample_shape: tuple[int, ...]) -> bool:
+    """Whether a worker's share of ``rows_per_worker`` rows is held in memory (:data:`IN_MEMORY_MAX_BYTES`)."""
+    return rows_per_worker * (4 * math.prod(sample_shape) + 8) <= IN_MEMORY_MAX_BYTES
+
+
+def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device, *, in_memory: bool = False,
+                   seed: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """This Ray Train worker's shard, epoch after epoch, as full batches on ``device``:
+    streamed from storage each epoch, or (``in_memory``) read once and then reshuffled in
+    memory each epoch with a generator seeded by ``seed``."""
     shard = ray.train.get_dataset_shard("train")
+    pin = device.type == "cuda"
+    if in_memory:
+        yield from in_memory_batches(_read_once(shard, collate, pin), batch_size, device, seed=seed)
+        return
     while True:
         count = 0
         for x, y in shard.iter_torch_batches(
@@ -148,8 +169,38 @@ def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device)
             drop_last=True,
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_MIN, 4 * batch_size),
             collate_fn=collate,
+            prefetch_batches=2,
+            pin_memory=pin,
         ):
             count += 1
             yield x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
         if count == 0:
             raise RuntimeError(f"this worker's data shard holds fewer than batch_size={batch_size} rows")
+
+
+def _read_once(shard, collate: ShardCollate, pin: bool) -> tuple[Tensor, Tensor | None]:
+    """Every row of this worker's shard, collated, as one ``(x, labels)`` pair (CPU tensors)."""
+    xs, ys = [], []
+    for x, y in shard.iter_torch_batches(batch_size=4096, collate_fn=collate, prefetch_batches=2, pin_memory=pin):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        return torch.empty(0), None
+    return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
+
+
+def in_memory_batches(rows: tuple[Tensor, Tensor | None], batch_size: int, device: torch.device, *,
+                      seed: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Endless full batches of ``rows`` (moved to ``device`` once): a fresh permutation each
+    epoch, drawn from a CPU generator seeded with ``seed``."""
+    x, y = rows
+    if x.shape[0] < batch_size:
+        raise RuntimeError(f"this worker's data shard holds fewer than batch_size={batch_size} rows ({x.shape[0]})")
+    x = x.to(device, non_blocking=True)
+    y = None if y is None else y.to(device, non_blocking=True)
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        permutation = torch.randperm(x.shape[0], generator=order).to(device, non_blocking=True)
+        for start in range(0, x.shape[0] - batch_size + 1, batch_size):
+            index = permutation[start:start + batch_size]
+            yield x[index], (None if y is None else y[index])

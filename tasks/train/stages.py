@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cafm_core.checkpoint import checkpoint_from_bytes, load_state_dict_checked, model_from_checkpoint
 from cafm_core.ema import EMA
@@ -24,6 +25,15 @@ __all__ = ["CAFMStage", "FMStage", "Stage", "StageState", "build_stage", "copy_s
 
 StageState = tuple[dict[str, dict[str, Tensor]], dict]
 """``(tensors per module / optimiser, JSON metadata)``: what a stage saves and loads."""
+
+
+def _prepare(accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
+    """Accelerate's ``prepare``; a single process keeps its bare module: on CPU Accelerate wraps
+    even one process in DDP, which would all-reduce every gradient with itself each step."""
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.num_processes == 1 and isinstance(module, DistributedDataParallel):
+        module = module.module
+    return module, optimizer
 
 
 def _cpu_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -94,7 +104,7 @@ class FMStage(Stage):
     def build(self, generator: nn.Module) -> None:
         cfg = self.config
         optimizer = adam(generator.parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-        self.generator_ddp, optimizer = self.accelerator.prepare(generator, optimizer)
+        self.generator_ddp, optimizer = _prepare(self.accelerator, generator, optimizer)
         self.generator = self.accelerator.unwrap_model(self.generator_ddp)
         self.optimizers = {"generator": optimizer}
         # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal
@@ -117,10 +127,10 @@ class CAFMStage(Stage):
         g_opt = adam(generator.parameters(), cfg.generator_lr, cfg.betas)
         d_logits = DiscriminatorLogits(discriminator, mode=cfg.logit_mode)
         d_opt = adam(d_logits.parameters(), cfg.discriminator_lr, cfg.betas)
-        self.generator_ddp, g_opt = self.accelerator.prepare(generator, g_opt)
+        self.generator_ddp, g_opt = _prepare(self.accelerator, generator, g_opt)
         # D steps go through DDP(DiscriminatorLogits) so discriminator gradients sync;
         # G steps use the unwrapped (frozen) discriminator, as generator_step expects.
-        self.d_logits_ddp, d_opt = self.accelerator.prepare(d_logits, d_opt)
+        self.d_logits_ddp, d_opt = _prepare(self.accelerator, d_logits, d_opt)
         self.generator = self.accelerator.unwrap_model(self.generator_ddp)
         self.discriminator = self.accelerator.unwrap_model(self.d_logits_ddp).discriminator
         self.optimizers = {"generator": g_opt, "discriminator": d_opt}

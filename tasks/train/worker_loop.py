@@ -51,6 +51,7 @@ def train_worker(loop: dict) -> dict:
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel
 
+    entered = time.perf_counter()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     here = _where_this_worker_runs(rank, loop.get("code_digest"))
@@ -107,7 +108,8 @@ def train_worker(loop: dict) -> dict:
     # a divergence rolls back to it without reading storage
     good_step, good_state, rollbacks_since_good = start, copy_state(stage.state()), 0
     rng = torch.Generator(device=accelerator.device).manual_seed(_seed_for(config.seed, rank, start))
-    batches = worker_batches(config.batch_size, ShardCollate(loop["sample_shape"], loop["num_classes"]), accelerator.device)
+    batches = worker_batches(config.batch_size, ShardCollate(loop["sample_shape"], loop["num_classes"]), accelerator.device,
+                             in_memory=loop.get("in_memory", False), seed=_seed_for(config.seed + 1, rank, start))
     metrics: dict[str, float] = {}
     last_time, last_step = time.perf_counter(), start
     began = time.perf_counter()
@@ -178,8 +180,11 @@ def train_worker(loop: dict) -> dict:
         gathered: list[Any] = [None] * world_size
         torch.distributed.all_gather_object(gathered, checksums[0])
         checksums = [str(c) for c in gathered]
+    # where this worker's time went: set-up (restore, networks, DDP) and the step loop
+    # (steps, reports, checkpoints), for bench/bench_pipeline.py
+    timing = {"setup_s": began - entered, "loop_s": time.perf_counter() - began, "loop_steps": steps - start}
     return {"history": history, "start_step": start, "checksums": checksums, "rollbacks": rollbacks,
-            "workers": workers}
+            "workers": workers, "timing": timing}
 
 
 def _save(directory: str, stage: Stage, loop: dict, step: int, world_size: int, history: list[dict],

@@ -20,6 +20,14 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     generator = load_model(tmp_path / "cafm")
     assert generator(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
 
+    # the same checkpoints evaluated without training (a model trained elsewhere, e.g. on a
+    # GPU): the same rows, and no training ran
+    again = run_demo("eight_gaussians", profile="smoke", output=tmp_path / "again", nfes=(4,), fm_steps=60,
+                     cafm_steps=30, trained=tmp_path)
+    assert again["rows"] == result["rows"]
+    assert again["fm"]["seconds"] is None and again["cafm"]["seconds"] is None and again["trained"] == str(tmp_path)
+    assert not (tmp_path / "again" / "fm").exists()
+
 
 @pytest.mark.parametrize(
     "argv, message",
