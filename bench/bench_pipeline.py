@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         out[f"{name}_stage_wall_s"] = wall
         out[f"{name}_worker_setup_s"] = timing["setup_s"]
         out[f"{name}_stage_fixed_s"] = wall - timing["loop_s"]
+        out[f"{name}_timing"] = timing
         print(f"(b) pipeline {name.upper()}: {1e3 * per_step:.1f} ms/step -> ratio {out[f'ratio_{name}']:.3f}x; "
-              f"stage {wall:.1f} s, of which {out[f'{name}_stage_fixed_s']:.1f} s outside the step loop "
-              f"({timing['setup_s']:.1f} s the worker's set-up)", flush=True)
+              f"stage {wall:.1f} s, of which {out[f'{name}_stage_fixed_s']:.1f} s outside the step loop: Ray Train's "
+              f"start {timing['start_s']:.1f} s, the worker's set-up {timing['setup_s']:.1f} s, Ray Train's end "
+              f"{timing['end_s']:.1f} s, the driver's checks and outputs {wall - timing['start_s'] - timing['setup_s'] - timing['loop_s'] - timing['end_s']:.1f} s", flush=True)
     if not args.no_prefect:
         out["prefect"] = prefect_start_seconds()
         print(f"Prefect: import {out['prefect']['import_s']:.1f} s; temporary server + a trivial flow "

@@ -235,7 +235,8 @@ def _run(
 
     # -- Ray --
     start_cluster(num_workers, cpus, bool(use_gpu))
-    dataset = read_shards(urls, ["x", "label"] if num_classes > 0 else ["x"])
+    in_memory = holds_in_memory(total_rows, shape)
+    datasets = {} if in_memory else {"train": read_shards(urls, ["x", "label"] if num_classes > 0 else ["x"])}
     storage_fs, storage_base = ray_storage(storage_path)
     loop = {
         "stage": stage,
@@ -247,8 +248,9 @@ def _run(
         "mixed_precision": mixed_precision,
         "use_gpu": bool(use_gpu),
         "threads": cpus,
-        # a small share of rows per worker is read once and reshuffled in memory each epoch
-        "in_memory": holds_in_memory(per_worker, shape),
+        # small data: every worker reads its share of the shards once and draws its batches
+        # in memory (tasks.train.shards.IN_MEMORY_MAX_BYTES); else Ray Data streams it
+        "in_memory_urls": urls if in_memory else None,
         "curve": curve,
         "divergence": guard.to_dict(),
         "storage_path": storage_path,
@@ -276,10 +278,10 @@ def _run(
                 # 60 s by default), then the run fails; Ray's default retries forever
                 failure_config=FailureConfig(max_failures=2, controller_failure_limit=PLACEMENT_RETRIES),
             ),
-            datasets={"train": dataset},
+            datasets=datasets,
         )
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     try:
         result = fit_with_storage_retries(make_trainer, run_name)
     except ray.train.ControllerError as exc:
@@ -291,6 +293,10 @@ def _run(
             f"attempts (a node lost, or its resources taken); resume the run once the cluster has room"
         ) from exc
     seconds = time.perf_counter() - started
+    timing = (result.return_value or {}).get("timing")
+    if timing:  # Ray Train's start (fit to the worker's first line) and its end (the last step to fit's return)
+        timing["start_s"] = timing["entered_at"] - started_at
+        timing["end_s"] = seconds - timing["start_s"] - timing["setup_s"] - timing["loop_s"]
     diverged = (result.return_value or {}).get("diverged")
     if diverged:
         where = checkpoints.url(result.checkpoint) if result.checkpoint is not None else "none (no step passed)"

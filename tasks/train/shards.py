@@ -26,8 +26,8 @@ from torch import Tensor
 from cafm_core.data import uint8_to_images
 from tasks.arrow_storage import filesystem_and_paths
 
-__all__ = ["IN_MEMORY_MAX_BYTES", "ShardCollate", "holds_in_memory", "in_memory_batches", "inspect_shards", "read_shards",
-           "worker_batches"]
+__all__ = ["IN_MEMORY_MAX_BYTES", "ShardCollate", "holds_in_memory", "in_memory_batches", "inspect_shards", "read_rows",
+           "read_shards", "worker_batches"]
 
 SHUFFLE_BUFFER_MIN = 1024
 
@@ -140,28 +140,37 @@ class ShardCollate(ArrowBatchCollateFn):
 
 
 IN_MEMORY_MAX_BYTES = 1 << 30
-"""A worker whose share of the prepared rows takes at most this many bytes as float32 tensors
-holds them in memory after its first pass (on its GPU when it has one) and draws later epochs
-there: Ray Data then reads each row once per run instead of once per epoch (a small set such
-as digits, 14 batches an epoch, would otherwise restart Ray Data's streaming execution every
-14 steps). Larger shares stream from storage every epoch."""
+"""Prepared data of at most this many bytes as float32 tensors is read by every worker once,
+straight from the shards, and held in memory (on its GPU when it has one); later epochs are
+drawn there. Ray Data is then not involved at all: no streaming execution to start per stage,
+and none restarted every epoch (digits, 14 batches an epoch, would restart it every 14 steps).
+Larger data streams from storage through Ray Data every epoch."""
 
 
-def holds_in_memory(rows_per_worker: int, sample_shape: tuple[int, ...]) -> bool:
-    """Whether a worker's share of ``rows_per_worker`` rows is held in memory (:data:`IN_MEMORY_MAX_BYTES`)."""
-    return rows_per_worker * (4 * math.prod(sample_shape) + 8) <= IN_MEMORY_MAX_BYTES
+def holds_in_memory(rows: int, sample_shape: tuple[int, ...]) -> bool:
+    """Whether ``rows`` prepared rows are read once and held in memory (:data:`IN_MEMORY_MAX_BYTES`)."""
+    return rows * (4 * math.prod(sample_shape) + 8) <= IN_MEMORY_MAX_BYTES
 
 
-def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device, *, in_memory: bool = False,
-                   seed: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """This Ray Train worker's shard, epoch after epoch, as full batches on ``device``:
-    streamed from storage each epoch, or (``in_memory``) read once and then reshuffled in
-    memory each epoch with a generator seeded by ``seed``."""
-    shard = ray.train.get_dataset_shard("train")
-    pin = device.type == "cuda"
-    if in_memory:
-        yield from in_memory_batches(_read_once(shard, collate, pin), batch_size, device, seed=seed)
+def read_rows(urls: list[str], collate: ShardCollate, rank: int, world_size: int) -> tuple[Tensor, Tensor | None]:
+    """This worker's equal share of the shards' rows, read with pyarrow (no Ray Data) and
+    collated: every ``world_size``-th row from ``rank`` on, ``total // world_size`` rows."""
+    fs, paths = filesystem_and_paths(urls)
+    columns = ["x", "label"] if collate.num_classes > 0 else ["x"]
+    table = pa.concat_tables([pq.read_table(path, filesystem=fs, columns=columns) for path in paths])
+    share = table.num_rows // world_size
+    return collate(table.take(pa.array(range(rank, share * world_size, world_size), type=pa.int64())))
+
+
+def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device, *,
+                   rows: tuple[Tensor, Tensor | None] | None = None, seed: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """This Ray Train worker's batches, epoch after epoch, on ``device``: drawn from ``rows``
+    held in memory (:func:`read_rows`), reshuffled each epoch with a generator seeded by
+    ``seed``; or, without ``rows``, streamed from Ray Data's shard of the dataset each epoch."""
+    if rows is not None:
+        yield from in_memory_batches(rows, batch_size, device, seed=seed)
         return
+    shard = ray.train.get_dataset_shard("train")
     while True:
         count = 0
         for x, y in shard.iter_torch_batches(
@@ -170,7 +179,7 @@ def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device,
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_MIN, 4 * batch_size),
             collate_fn=collate,
             prefetch_batches=2,
-            pin_memory=pin,
+            pin_memory=device.type == "cuda",
         ):
             count += 1
             yield x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
@@ -178,22 +187,13 @@ def worker_batches(batch_size: int, collate: ShardCollate, device: torch.device,
             raise RuntimeError(f"this worker's data shard holds fewer than batch_size={batch_size} rows")
 
 
-def _read_once(shard, collate: ShardCollate, pin: bool) -> tuple[Tensor, Tensor | None]:
-    """Every row of this worker's shard, collated, as one ``(x, labels)`` pair (CPU tensors)."""
-    xs, ys = [], []
-    for x, y in shard.iter_torch_batches(batch_size=4096, collate_fn=collate, prefetch_batches=2, pin_memory=pin):
-        xs.append(x)
-        ys.append(y)
-    if not xs:
-        return torch.empty(0), None
-    return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
-
-
 def in_memory_batches(rows: tuple[Tensor, Tensor | None], batch_size: int, device: torch.device, *,
                       seed: int) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Endless full batches of ``rows`` (moved to ``device`` once): a fresh permutation each
     epoch, drawn from a CPU generator seeded with ``seed``."""
     x, y = rows
+    if device.type == "cuda":
+        x, y = x.pin_memory(), (None if y is None else y.pin_memory())
     if x.shape[0] < batch_size:
         raise RuntimeError(f"this worker's data shard holds fewer than batch_size={batch_size} rows ({x.shape[0]})")
     x = x.to(device, non_blocking=True)

@@ -37,7 +37,7 @@ from cafm_core.checkpoint import unflatten_state_dicts
 from cafm_core.training import DivergenceGuard
 from tasks.code_version import code_identity
 from tasks.train.configs import train_config
-from tasks.train.shards import ShardCollate, worker_batches
+from tasks.train.shards import ShardCollate, read_rows, worker_batches
 from tasks.train.stages import Stage, build_stage, copy_state
 from tasks.train.train_state import RunCheckpoints, checkpoint_folder, save_train_state, verified_state
 
@@ -51,7 +51,7 @@ def train_worker(loop: dict) -> dict:
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel
 
-    entered = time.perf_counter()
+    entered, entered_at = time.perf_counter(), time.time()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     here = _where_this_worker_runs(rank, loop.get("code_digest"))
@@ -108,8 +108,10 @@ def train_worker(loop: dict) -> dict:
     # a divergence rolls back to it without reading storage
     good_step, good_state, rollbacks_since_good = start, copy_state(stage.state()), 0
     rng = torch.Generator(device=accelerator.device).manual_seed(_seed_for(config.seed, rank, start))
-    batches = worker_batches(config.batch_size, ShardCollate(loop["sample_shape"], loop["num_classes"]), accelerator.device,
-                             in_memory=loop.get("in_memory", False), seed=_seed_for(config.seed + 1, rank, start))
+    collate = ShardCollate(loop["sample_shape"], loop["num_classes"])
+    rows = read_rows(loop["in_memory_urls"], collate, rank, world_size) if loop["in_memory_urls"] else None
+    batches = worker_batches(config.batch_size, collate, accelerator.device, rows=rows,
+                             seed=_seed_for(config.seed + 1, rank, start))
     metrics: dict[str, float] = {}
     last_time, last_step = time.perf_counter(), start
     began = time.perf_counter()
@@ -182,7 +184,8 @@ def train_worker(loop: dict) -> dict:
         checksums = [str(c) for c in gathered]
     # where this worker's time went: set-up (restore, networks, DDP) and the step loop
     # (steps, reports, checkpoints), for bench/bench_pipeline.py
-    timing = {"setup_s": began - entered, "loop_s": time.perf_counter() - began, "loop_steps": steps - start}
+    timing = {"entered_at": entered_at, "setup_s": began - entered, "loop_s": time.perf_counter() - began,
+              "loop_steps": steps - start}
     return {"history": history, "start_step": start, "checksums": checksums, "rollbacks": rollbacks,
             "workers": workers, "timing": timing}
 

@@ -74,3 +74,28 @@ def test_a_single_process_trains_without_a_ddp_wrapper():
     assert prepared is model and same_optimizer is optimizer
     OneProcess.num_processes = 2
     assert isinstance(_prepare(OneProcess(), model, optimizer)[0], Wrapped)
+
+
+def test_read_rows_gives_each_worker_an_equal_interleaved_share_of_the_shards(tmp_path):
+    """Two uint8 shards of 5 and 6 rows (pixel value = row number), 2 workers: 5 rows each,
+    disjoint, scaled to [-1, 1] like Ray Data's batches (the same collate), labels kept."""
+    import numpy as np
+
+    from tasks.dataset_format import shard_to_bytes
+    from tasks.train.shards import ShardCollate, read_rows
+
+    urls = []
+    for number, rows in enumerate((range(0, 5), range(5, 11))):
+        x = np.repeat(np.array(list(rows), dtype=np.uint8)[:, None], 4, axis=1)
+        path = tmp_path / f"shard-{number}.parquet"
+        path.write_bytes(shard_to_bytes(x, np.array(list(rows)) % 3, np.array(list(rows)), (1, 2, 2)))
+        urls.append(str(path))
+    collate = ShardCollate((1, 2, 2), num_classes=3)
+    shares = [read_rows(urls, collate, rank, 2) for rank in (0, 1)]
+    numbers = []
+    for x, y in shares:
+        assert x.shape == (5, 1, 2, 2) and x.dtype == torch.float32
+        row = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+        assert torch.equal(y, row % 3)
+        numbers.append(row.tolist())
+    assert numbers == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]  # row 10 left out: equal shares
