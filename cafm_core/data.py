@@ -25,6 +25,9 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Images with more pixels than this (64 Mpx, e.g. 8192x8192) are counted as bad files, never
 decoded: a decompression bomb must not exhaust memory. PIL's own limit (89 Mpx warns,
 179 Mpx refuses) is looser."""
+MAX_FILE_BYTES = 50 * 1024 * 1024
+"""Default size cap of an image file (50 MiB): a larger file is counted as a bad file and
+never read into memory nor decoded (``check_file_size``)."""
 MIN_IMAGES = 2
 """Fewest readable images an image folder may hold."""
 
@@ -369,6 +372,14 @@ class ImageFolderReport:
         }
 
 
+def check_file_size(size: int, max_file_bytes: int) -> None:
+    """Refuse an image file above the size cap before it is read or decoded: raises OSError
+    (a bad file, like an unreadable one) naming its size and the cap."""
+    if size > max_file_bytes:
+        raise OSError(f"file is {size:,} bytes, above the size cap of {max_file_bytes:,} bytes (data.max_file_bytes); "
+                      "not read")
+
+
 def decode_image_uint8(raw: bytes, *, resolution: int, channels: int) -> np.ndarray:
     """Decode, convert mode, center-crop to square, resize; returns uint8 ``[C, R, R]`` (0..255).
 
@@ -510,7 +521,7 @@ def check_bad_files(url: str, *, num_good: int, bad_files: list[str], bad_reason
         raise CAFMInputError(
             f"image folder {url!r}: {len(bad_files)} of {num_files} image files are unreadable "
             f"({len(bad_files) / num_files:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
-            f"first bad files: {bad_files[:5]}"
+            f"first bad files: {bad_files[:5]} (the first one: {bad_reasons[0] if bad_reasons else 'no reason'})"
         )
 
 
@@ -522,12 +533,14 @@ def read_image_folder(
     max_bad_fraction: float = 0.0,
     storage_options: dict | None = None,
     num_threads: int = 8,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> tuple[Dataset, ImageFolderReport]:
     """Read ``url/<class_name>/<image files>`` into an image Dataset plus a report of bad files.
 
     Any fsspec URL works (a local path, ``file://``, ``s3://``). Images are converted to
     grayscale (``channels=1``) or RGB (``channels=3``), center-cropped to a square, resized
-    to ``resolution`` and scaled to [-1, 1]. Unreadable files are listed in the report; if
+    to ``resolution`` and scaled to [-1, 1]. Unreadable files, and files above
+    ``max_file_bytes`` (never read), are listed in the report; if
     their share exceeds ``max_bad_fraction`` a CAFMInputError is raised. The whole folder is
     held in memory: for large folders the pipeline's prepare stage streams instead.
     """
@@ -539,18 +552,22 @@ def read_image_folder(
     if isinstance(max_bad_fraction, bool) or not 0.0 <= float(max_bad_fraction) < 1.0:
         raise CAFMInputError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction!r}")
     check_positive("num_threads", num_threads, integer=True)
+    check_positive("max_file_bytes", max_file_bytes, integer=True)
 
     listing = list_image_folder(url, storage_options=storage_options)
     fs, _ = open_image_folder(url, storage_options)
 
-    def load_one(path: str) -> np.ndarray | str:
+    def load_one(path: str, size: int) -> np.ndarray | str:
         try:
-            return _decode_image(fs.cat_file(path), resolution=resolution, channels=channels)
+            check_file_size(size, max_file_bytes)  # the listed size: a huge file is never fetched
+            raw = fs.cat_file(path)
+            check_file_size(len(raw), max_file_bytes)  # grown since it was listed
+            return _decode_image(raw, resolution=resolution, channels=channels)
         except Exception as error:  # any decode or read failure marks the file bad
             return f"{type(error).__name__}: {error}"
 
     with ThreadPoolExecutor(max_workers=min(num_threads, len(listing))) as pool:
-        results = list(pool.map(load_one, listing.files))
+        results = list(pool.map(load_one, listing.files, listing.sizes))
 
     classes = listing.classes
     images, labels, bad_files, bad_reasons = [], [], [], []

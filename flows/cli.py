@@ -125,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     from flows import pipeline as pipeline_module
+    from tasks.run_lease import RunLeaseHeld
     from tasks.stage_ledger import StageMismatch
     from tasks.storage import StorageError
     from tasks.tracking import TrackingError
 
     if args.command == "replay-tracking":
         try:
-            result = pipeline_module.preflight(params)  # reachable, then replayed
-        except (StorageError, TrackingError) as exc:
+            with pipeline_module.holding_run(params) as result:  # reachable, the run's lease, then replayed
+                pass
+        except (StorageError, TrackingError, RunLeaseHeld) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if not result["found"]:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         }[args.stage]
     try:
         chosen(params)
-    except (StorageError, TrackingError, StageMismatch, ValueError) as exc:
+    except (StorageError, TrackingError, StageMismatch, RunLeaseHeld, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -167,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _variants(args) -> int:
     from flows.params import PipelineParams
+    from tasks.run_lease import RunLease, RunLeaseHeld
     from tasks.run_variants import list_variants, remove_variant
     from tasks.storage import StorageError, Store
 
     store = Store(args.storage_root or PipelineParams().storage_root)
     try:
         if args.command == "remove":
-            removed = remove_variant(store, store.url(args.run), args.run, args.variant, dry_run=args.dry_run)
+            if args.dry_run or not store.exists(store.url(args.run)):  # nothing to guard: the error says so
+                removed = remove_variant(store, store.url(args.run), args.run, args.variant, dry_run=args.dry_run)
+            else:  # never while a run of this name works in those folders
+                with RunLease(store, store.url(args.run), run_name=args.run):
+                    removed = remove_variant(store, store.url(args.run), args.run, args.variant, dry_run=False)
             verb = "would delete" if args.dry_run else "deleted"
             print(f"{verb} {len(removed)} item(s) of variant {args.variant}:")
             for url in removed:
@@ -193,7 +200,7 @@ def _variants(args) -> int:
         if not shown:
             print(f"no recorded variants under {store.url(args.run) if args.run else store.root}")
         return 0
-    except (StorageError, ValueError) as exc:
+    except (StorageError, RunLeaseHeld, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,10 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cafm_core.data import BUILTIN_DATASETS
+from cafm_core.data import BUILTIN_DATASETS, MAX_FILE_BYTES
 from cafm_core.evaluation import SamplerSetting
 from cafm_core.path import TimeSampler
 from cafm_core.training import CAFMConfig, FlowMatchingConfig
+from tasks.storage import check_source_url
 
 
 class _Params(BaseModel):
@@ -21,10 +22,13 @@ class _Params(BaseModel):
 
 
 class DataParams(_Params):
-    source: str = Field("digits", description=f"built-in set ({', '.join(BUILTIN_DATASETS)}) or an image folder path / s3:// URL with class subfolders")
+    source: str = Field("digits", description=f"built-in set ({', '.join(BUILTIN_DATASETS)}) or an image folder with "
+                                              "class subfolders: a local path, file:// or s3:// URL (no other scheme)")
     resolution: int | None = Field(None, ge=8, le=1024, description="image folders: side length after center-crop + resize")
     channels: Literal[1, 3] | None = Field(None, description="image folders: 1 (grayscale) or 3 (RGB)")
     max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of unreadable images tolerated (counted, reported)")
+    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description="image folders: a file larger than this is not read "
+                                                                  "(a bad file, counted against max_bad_fraction)")
     num_samples: int = Field(20000, ge=16, description="synthetic sets: number of points")
     feature_steps: int = Field(400, ge=1, description="training steps of the in-domain feature network")
     feature_sample: int = Field(50_000, ge=16, description="most images the in-domain feature network trains on (a "
@@ -37,6 +41,7 @@ class DataParams(_Params):
         if self.source not in BUILTIN_DATASETS:
             if not self.source.strip():
                 raise ValueError("data.source is empty: give a built-in name or an image folder path / s3:// URL")
+            check_source_url(self.source)  # local, file:// or s3:// only
             if self.resolution is None or self.channels is None:
                 raise ValueError(f"data.source {self.source!r} is an image folder: set data.resolution and data.channels")
         return self

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from cafm_core.data import BUILTIN_DATASETS
 from flows.params import PipelineParams
 from tasks.dataset_format import MANIFEST_VERSION
 from tasks.run_tracking import RunTracking
@@ -43,7 +44,9 @@ class RunLayout:
 
     def fingerprint(self, stage: str) -> str:
         p = self.params
-        data = fingerprint(p.data.model_dump(), p.seed, {"format": MANIFEST_VERSION})  # a new format: new folders
+        # a new format: new folders. The size cap reads no file of a built-in set: theirs keep their folders
+        settings = p.data.model_dump(exclude={"max_file_bytes"} if p.data.source in BUILTIN_DATASETS else None)
+        data = fingerprint(settings, p.seed, {"format": MANIFEST_VERSION})
         fm = fingerprint(data, p.model.model_dump(), p.fm.model_dump(), p.compute.num_workers)
         start = fm if p.cafm.init_checkpoint is None else p.cafm.init_checkpoint
         if p.cafm.from_scratch:  # no FM generator involved: the data, the model and the seed

@@ -3,11 +3,13 @@ Ray Data pipeline across the cluster, never the whole dataset in one process.
 
 The folder is listed once (``cafm_core.data.list_image_folder``: classes sorted, files sorted
 within each class). Chunk ``k`` is files ``k * shard_size ..`` of that listing; one task reads
-its files (a batch at a time: concurrent requests on S3), decodes / converts / crops / resizes them
-(``cafm_core.data.decode_image_uint8``), writes shard ``k`` (its readable images; ``index`` =
-the file's position in the listing, so unreadable files leave gaps) and then its record
-``shards/part-0000k.done.json``: the chunk's key (the preprocessing settings and each file's
-path, class and size), the shard's sha256 and rows, its unreadable files with their reasons
+its files (a batch at a time: concurrent requests on S3; a file listed above the size cap
+``max_file_bytes`` is never fetched, it counts as unreadable with its size as the reason),
+decodes / converts / crops / resizes them (``cafm_core.data.decode_image_uint8``), writes
+shard ``k`` (its readable images; ``index`` = the file's position in the listing, so
+unreadable files leave gaps) and then its record ``shards/part-0000k.done.json``: the chunk's
+key (the preprocessing settings, the size cap and each file's path, class and size), the
+shard's sha256 and rows, its unreadable files with their reasons
 and its per-class counts. A rerun finds a chunk whose record has the same key and whose shard
 still has the recorded sha256 done, and does not redo it (resume after an interruption).
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cafm_core.data import ImageFolderListing, decode_image_uint8
+from cafm_core.data import MAX_FILE_BYTES, ImageFolderListing, check_file_size, decode_image_uint8
 from tasks import dataset_format
 from tasks.storage import Store, is_s3_url, join_url, s3_storage_options
 
@@ -84,11 +86,13 @@ class ChunkSpec:
     sizes: list[int]
     resolution: int
     channels: int
+    max_file_bytes: int = MAX_FILE_BYTES
 
     @property
     def key(self) -> str:
         """What the chunk's shard depends on; a recorded shard with another key is redone."""
         payload = {"format": dataset_format.MANIFEST_VERSION, "resolution": self.resolution, "channels": self.channels,
+                   "max_file_bytes": self.max_file_bytes,
                    "start": self.start, "files": [list(f) for f in zip(self.paths, self.labels, self.sizes)]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -101,12 +105,12 @@ class ChunkSpec:
 
 
 def chunk_specs(listing: ImageFolderListing, *, source: str, shard_size: int, resolution: int,
-                channels: int) -> list[ChunkSpec]:
+                channels: int, max_file_bytes: int = MAX_FILE_BYTES) -> list[ChunkSpec]:
     """The listing cut into chunks of ``shard_size`` files (the last one shorter)."""
     return [
         ChunkSpec(number, start, source, listing.files[start : start + shard_size],
                   listing.labels[start : start + shard_size], listing.sizes[start : start + shard_size],
-                  resolution, channels)
+                  resolution, channels, max_file_bytes)
         for number, start in enumerate(range(0, len(listing), shard_size))
     ]
 
@@ -148,12 +152,17 @@ def prepare_chunk(store: Store, out_url: str, spec: ChunkSpec, *, fetch_batch: i
         results: list[np.ndarray | str] = []
         for start in range(0, len(spec.paths), fetch_batch):
             paths = spec.paths[start : start + fetch_batch]
-            fetched = fs.cat(paths, on_error="return")  # S3: the files of a batch fetched concurrently
-            for path in paths:
+            sizes = spec.sizes[start : start + fetch_batch]
+            # a file listed above the size cap is never fetched; the others in one go
+            wanted = [path for path, size in zip(paths, sizes) if size <= spec.max_file_bytes]
+            fetched = fs.cat(wanted, on_error="return") if wanted else {}  # S3: fetched concurrently
+            for path, size in zip(paths, sizes):
                 raw = fetched.get(path, FileNotFoundError(f"{path} was not returned"))
                 try:
+                    check_file_size(size, spec.max_file_bytes)
                     if isinstance(raw, BaseException):
                         raise raw
+                    check_file_size(len(raw), spec.max_file_bytes)  # grown since it was listed
                     results.append(decode_image_uint8(raw, resolution=spec.resolution, channels=spec.channels))
                 except Exception as error:  # any read or decode failure marks the file bad (as the reader does)
                     results.append(f"{type(error).__name__}: {error}")

@@ -24,6 +24,7 @@ from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from cafm_core.data import MAX_FILE_BYTES
 from cafm_core.models import MLPConfig, dit_config
 from cafm_core.plots import training_curves
 from tasks.dataset_format import dataset_identity, evaluation_protocol, shard_urls
@@ -88,6 +89,7 @@ def prepare_task(folder: StageFolder, data: dict, seed: int, tracking: RunTracki
         manifest = prepare_dataset(
             data["source"], folder.store, folder.join("out"), resolution=data["resolution"],
             channels=data["channels"], max_bad_fraction=data["max_bad_fraction"],
+            max_file_bytes=data.get("max_file_bytes", MAX_FILE_BYTES),
             feature_steps=data["feature_steps"], feature_sample=data.get("feature_sample", FEATURE_SAMPLE), seed=seed,
             num_samples=data["num_samples"],
         )

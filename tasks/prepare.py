@@ -30,6 +30,7 @@ import numpy as np
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import (
     BUILTIN_DATASETS,
+    MAX_FILE_BYTES,
     SYNTHETIC_DATASETS,
     Dataset,
     ImageFolderListing,
@@ -43,7 +44,7 @@ from cafm_core.data import (
 )
 from tasks import dataset_format
 from tasks.image_shards import auto_engine, chunk_specs, done_path, peak_rss_mb, run_chunks
-from tasks.storage import Store, StorageError, is_s3_url, join_url, s3_storage_options
+from tasks.storage import Store, StorageError, check_source_url, is_s3_url, join_url, s3_storage_options
 from tasks.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ def _resolve_source(source: object, resolution: object, channels: object) -> str
                 f"(got resolution={resolution!r}, channels={channels!r})"
             )
         return "builtin"
+    try:
+        check_source_url(source)  # a local path, file:// or s3:// only
+    except StorageError as error:
+        raise CAFMInputError(str(error)) from None
     if not _is_folder_like(source):
         raise CAFMInputError(
             f"unknown dataset {source!r}: not a built-in dataset (expected one of {sorted(BUILTIN_DATASETS)}) "
@@ -290,16 +295,19 @@ def _relabel(store: Store, out_url: str, records: list[dict], remap: dict[int, i
 
 
 def _write_folder_shards(store: Store, out_url: str, listing: ImageFolderListing, *, source: str, resolution: int,
-                         channels: int, shard_size: int, max_bad_fraction: float, engine: str,
+                         channels: int, shard_size: int, max_bad_fraction: float, max_file_bytes: int, engine: str,
                          stats: dict) -> dict:
-    """The folder's shards (resuming at those not done yet), the bad-file policy applied;
-    returns ``shards`` (manifest entries), ``class_names``, ``class_counts`` and the bad-file report."""
-    specs = chunk_specs(listing, source=source, shard_size=shard_size, resolution=resolution, channels=channels)
+    """The folder's shards (resuming at those not done yet), the bad-file policy applied (a
+    file above ``max_file_bytes`` is a bad file, never read); returns ``shards`` (manifest
+    entries), ``class_names``, ``class_counts`` and the bad-file report."""
+    specs = chunk_specs(listing, source=source, shard_size=shard_size, resolution=resolution, channels=channels,
+                        max_file_bytes=max_file_bytes)
     num_files = len(listing)
-    seen = {"bad": [], "files": 0}
+    seen = {"bad": [], "reasons": [], "files": 0}
 
     def watch(record: dict) -> bool:
         seen["bad"].extend(record["bad_files"])
+        seen["reasons"].extend(record["bad_reasons"])
         seen["files"] += record["files"]
         return not bad_fraction_exceeded(len(seen["bad"]), num_files, max_bad_fraction)
 
@@ -310,7 +318,7 @@ def _write_folder_shards(store: Store, out_url: str, listing: ImageFolderListing
         raise _RefusedFolder(
             f"image folder {source!r}: at least {len(seen['bad'])} of {num_files} image files are unreadable "
             f"(more than max_bad_fraction {max_bad_fraction:.1%} of them; stopped after reading {seen['files']}); "
-            f"first bad files: {sorted(seen['bad'])[:5]}"
+            f"first bad files: {sorted(seen['bad'])[:5]} (one of them: {seen['reasons'][0]})"
         )
     ordered = [records[number] for number in range(len(specs))]
     bad_files = [path for record in ordered for path in record["bad_files"]]
@@ -480,6 +488,7 @@ def prepare_dataset(
     resolution: int | None = None,
     channels: int | None = None,
     max_bad_fraction: float = 0.0,
+    max_file_bytes: int = MAX_FILE_BYTES,
     shard_size: int = 1024,
     feature_steps: int = 400,
     feature_sample: int = FEATURE_SAMPLE,
@@ -493,7 +502,8 @@ def prepare_dataset(
 
     ``source``: a name in ``cafm_core.data.BUILTIN_DATASETS`` or a local path / ``s3://`` URL of
     an image folder ``<class_name>/<images>`` (then ``resolution`` and ``channels`` are
-    required). ``num_samples`` and ``seed`` pick the synthetic sets' points; ``seed`` also
+    required; no other URL scheme). An image file above ``max_file_bytes`` is never read: it
+    counts as a bad file (``max_bad_fraction``), its size named in the report. ``num_samples`` and ``seed`` pick the synthetic sets' points; ``seed`` also
     seeds the feature network and draws its training sample of at most ``feature_sample``
     images. ``engine`` (image folders): "local" (this process), "ray" (a Ray Data pipeline on
     ``RAY_ADDRESS`` or a local Ray) or "auto" (``tasks.image_shards.auto_engine``: Ray from
@@ -506,6 +516,7 @@ def prepare_dataset(
     if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) or not 0.0 <= max_bad_fraction < 1.0:
         raise CAFMInputError(f"max_bad_fraction must be a number in [0, 1), got {max_bad_fraction!r}")
     check_int("shard_size", shard_size, 1)
+    check_int("max_file_bytes", max_file_bytes, 1)
     check_int("feature_steps", feature_steps, 1)
     check_int("feature_sample", feature_sample, 2)
     check_int("seed", seed, 0)
@@ -529,6 +540,8 @@ def prepare_dataset(
         "num_samples": num_samples if source in SYNTHETIC_DATASETS else None,
         "format_version": dataset_format.MANIFEST_VERSION,
     }
+    if kind == "folder":  # the built-in sets read no file: their parameters (and reuse) stay as they were
+        params["max_file_bytes"] = max_file_bytes
     stats = stats if stats is not None else {}
     stats.update(started=time.perf_counter(), engine="local")
 
@@ -567,7 +580,8 @@ def prepare_dataset(
     try:
         manifest = _write(kind, source, store, out_url, loaded, params, stats, resolution=resolution,
                           channels=channels, shard_size=shard_size, max_bad_fraction=max_bad_fraction,
-                          feature_steps=feature_steps, feature_sample=feature_sample, seed=seed)
+                          max_file_bytes=max_file_bytes, feature_steps=feature_steps, feature_sample=feature_sample,
+                          seed=seed)
     except _RefusedFolder as refused:  # after the Ray session: no task of this attempt writes any more
         _discard_attempt(store, out_url)
         raise CAFMInputError(str(refused)) from None
@@ -579,8 +593,8 @@ def prepare_dataset(
 
 
 def _write(kind: str, source: str, store: Store, out_url: str, loaded, params: dict, stats: dict, *, resolution,
-           channels, shard_size: int, max_bad_fraction: float, feature_steps: int, feature_sample: int,
-           seed: int) -> dict:
+           channels, shard_size: int, max_bad_fraction: float, max_file_bytes: int, feature_steps: int,
+           feature_sample: int, seed: int) -> dict:
     """Shards, feature network, statistics, then the manifest and the marker (last)."""
     with contextlib.ExitStack() as session:
         if stats["engine"] == "ray":
@@ -605,7 +619,7 @@ def _write(kind: str, source: str, store: Store, out_url: str, loaded, params: d
             image = True
             written = _write_folder_shards(store, out_url, loaded, source=source, resolution=resolution,
                                            channels=channels, shard_size=shard_size, max_bad_fraction=max_bad_fraction,
-                                           engine=stats["engine"], stats=stats)
+                                           max_file_bytes=max_file_bytes, engine=stats["engine"], stats=stats)
             written.update(sample_shape=(channels, resolution, resolution), kind="image", labelled=True,
                            num_classes=len(written["class_names"]))
             name = posixpath.basename(source.rstrip("/")) or source

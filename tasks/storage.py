@@ -18,13 +18,16 @@ Transient errors (timeouts, dropped connections, 5xx) are retried with exponenti
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,6 +124,28 @@ def s3_storage_options() -> dict:
 
 def is_s3_url(url: str) -> bool:
     return isinstance(url, str) and url.startswith(_S3_PROTOCOLS)
+
+
+SOURCE_SCHEMES = ("file://", "s3://")
+"""What a data source URL may start with (besides a plain local path)."""
+
+
+def check_source_url(source: str) -> None:
+    """A data source that is not a built-in name must be a local path, ``file://...`` or
+    ``s3://bucket/prefix``: fsspec would open any of its protocols (``http://``, ``gcs://``,
+    ``memory://``, chained ``a::b`` URLs, ``data:`` URLs ...), and those are not what the
+    pipeline reads, checks or credentials. Raises StorageError naming the source."""
+    if not isinstance(source, str) or not source.strip():
+        raise StorageError(f"data source must be a non-empty string, got {source!r}")
+    scheme = source.split("://", 1)[0] + "://" if "://" in source else None
+    if "::" in source or source.startswith("data:") or (scheme is not None and scheme not in SOURCE_SCHEMES):
+        shown = scheme or ("a chained URL (::)" if "::" in source else "data:")
+        raise StorageError(
+            f"data source {source!r}: {shown} is not supported; give a built-in name, a local path, "
+            f"file://<path> or s3://<bucket>/<prefix>"
+        )
+    if scheme == "s3://" and not source[len("s3://"):].split("/", 1)[0]:
+        raise StorageError(f"data source {source!r} names no bucket; expected s3://<bucket>/<prefix>")
 
 
 def _s3_endpoint_description() -> str:
@@ -334,6 +359,108 @@ class Store:
         self._retry("remove", url, delete)
         return True
 
+    # ---- conditional writes (the run lease) ----------------------------------------------
+    # One file changed only by whoever read its current version: locally under an exclusive
+    # ``flock`` on a hidden lock file beside it (processes of one host, or NFSv4 clients);
+    # on S3 with S3's conditional requests (``If-None-Match: *`` to create, ``If-Match: <ETag>``
+    # to replace or delete), which AWS S3, MinIO and moto honour. An S3-compatible endpoint
+    # that ignores those headers turns them into plain writes: two writers who read the same
+    # version within the same moment may then both "win" (the race window is one round trip).
+
+    def read_versioned(self, url: str) -> tuple[bytes, str] | None:
+        """The file's bytes and its version (S3: the ETag; locally: the sha256 of the bytes),
+        or None when there is no such file."""
+        path = self.fs_path(url)
+        if self.is_s3:
+            from fsspec.asyn import sync
+
+            bucket, _, key = path.partition("/")
+            fs = self.filesystem
+
+            async def get() -> tuple[bytes, str] | None:
+                try:
+                    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+                except FileNotFoundError:
+                    return None
+                async with response["Body"] as body:
+                    data = await body.read()
+                return data, str(response["ETag"])
+
+            return self._retry("read", url, lambda: sync(fs.loop, get))
+
+        def read_local() -> tuple[bytes, str] | None:
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+
+        return self._retry("read", url, read_local)
+
+    def write_if(self, url: str, data: bytes, *, version: str | None) -> bool:
+        """Write ``data`` to ``url`` only if the file is as the caller last read it: absent
+        (``version=None``) or still at ``version`` (from :meth:`read_versioned`). Returns
+        False, writing nothing, when it is not."""
+        path, data = self.fs_path(url), bytes(data)
+        if self.is_s3:
+            condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+            def put() -> bool:
+                try:
+                    self.filesystem.pipe_file(path, data, **condition)
+                except (FileExistsError, FileNotFoundError):  # created meanwhile / gone meanwhile
+                    return False
+                except OSError as error:
+                    if _precondition_failed(error):
+                        return False
+                    raise
+                return True
+
+            return self._retry("write", url, put)
+
+        def put_local() -> bool:
+            with _local_lock(path):
+                current = _local_version(path)
+                if current != version:
+                    return False
+                write_local_atomic(path, lambda fh: fh.write(data))
+                return True
+
+        return self._retry("write", url, put_local)
+
+    def remove_if(self, url: str, version: str) -> bool:
+        """Delete ``url`` only if it is still at ``version``; False (nothing deleted) if it
+        changed or is gone."""
+        path = self.fs_path(url)
+        if self.is_s3:
+            from fsspec.asyn import sync
+
+            bucket, _, key = path.partition("/")
+            fs = self.filesystem
+
+            def delete() -> bool:
+                try:
+                    sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+                except FileNotFoundError:
+                    return False
+                except OSError as error:
+                    if _precondition_failed(error):
+                        return False
+                    raise
+                return True
+
+            return self._retry("remove", url, delete)
+
+        def delete_local() -> bool:
+            with _local_lock(path):
+                if _local_version(path) != version:
+                    return False
+                os.unlink(path)
+                return True
+
+        return self._retry("remove", url, delete_local)
+
     # ---- folders -------------------------------------------------------------------------
 
     def _files_under(self, url: str) -> list[tuple[str, str]]:
@@ -486,6 +613,38 @@ class Store:
     def clear_complete(self, stage_url: str) -> bool:
         """Remove the completion marker (before rewriting a stage); True if one was there."""
         return self.remove(join_url(stage_url, COMPLETE_FILE), recursive=False)
+
+
+# ---- conditional-write helpers -------------------------------------------------------------
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether an S3 error says a conditional request's condition did not hold (412) or lost
+    a race with another conditional request on the same key (409)."""
+    cause = error.__cause__ if error.__cause__ is not None else error
+    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+@contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock.tmp`` beside ``path`` (hidden from listings)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    descriptor = os.open(os.path.join(directory, f".{os.path.basename(path)}.lock.tmp"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _local_version(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 # ---- local atomic helpers -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The whole pipeline process killed (SIGKILL) in the middle of FM pretraining, then rerun.
 
-What must hold: the rerun skips the completed data stage, the FM stage resumes from its last
-Ray checkpoint (not from step 0), and MLflow's FM run holds every reported step exactly once.
+What must hold: the rerun takes over the run lease the killed process left (its owner is gone),
+skips the completed data stage, the FM stage resumes from its last Ray checkpoint (not from
+step 0), and MLflow's FM run holds every reported step exactly once.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def test_a_pipeline_killed_mid_stage_resumes_on_rerun(tmp_path):
     finally:
         _kill_tagged(tag)  # Ray's own processes, whatever session they are in
         log.close()
+    lease = json.loads((root / "killed" / "_LEASE.json").read_text())  # the killed run's lease is left behind
+    assert lease["cafm.pid"] == str(first.pid)
     (data_marker,) = (root / "killed" / "data").glob("*/_COMPLETE.json")  # data/<fingerprint>/
     data_done = json.loads(data_marker.read_text())
     assert not list((root / "killed" / "fm").glob("*/_COMPLETE.json"))
@@ -81,6 +84,9 @@ def test_a_pipeline_killed_mid_stage_resumes_on_rerun(tmp_path):
         _kill_tagged(tag)
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
+    # its owner is gone: the rerun took the lease over (and gave it back at its end)
+    assert f"took over the lease {root / 'killed' / '_LEASE.json'} that a stopped run left" in output
+    assert f"pid {first.pid}," in output and not (root / "killed" / "_LEASE.json").exists()
     assert re.search(r"Task run 'prepare-dataset-\w+' - Finished in state Cached", output), output[-4000:]
     assert json.loads(data_marker.read_text()) == data_done  # not rewritten
     (fm_marker,) = (root / "killed" / "fm").glob("*/_COMPLETE.json")

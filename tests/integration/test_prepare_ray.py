@@ -36,6 +36,9 @@ def _upload_folder(s3_client, bucket: str) -> None:
             Image.fromarray(rng.integers(0, 256, (side, side + 3, 3), dtype=np.uint8)).save(buffer, format="PNG")
             s3_client.put_object(Bucket=bucket, Key=f"raw/{name}/{i:02d}.png", Body=buffer.getvalue())
     s3_client.put_object(Bucket=bucket, Key="raw/bee/zz-broken.png", Body=b"garbage")
+    buffer = io.BytesIO()  # a decodable image, but above the size cap (max_file_bytes below): never read
+    Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+    s3_client.put_object(Bucket=bucket, Key="raw/cow/zz-huge.png", Body=buffer.getvalue() + b"\0" * 40_000)
 
 
 def test_ray_data_prepare_on_s3_equals_the_local_one_and_resumes(s3_bucket, s3_client, monkeypatch):
@@ -43,7 +46,8 @@ def test_ray_data_prepare_on_s3_equals_the_local_one_and_resumes(s3_bucket, s3_c
     _upload_folder(s3_client, s3_bucket[len("s3://") :])
     source = f"{s3_bucket}/raw"
     store = Store(s3_bucket, backoff_s=0.0)
-    kwargs = {"resolution": 16, "channels": 3, "shard_size": 16, "max_bad_fraction": 0.05, "feature_steps": 20}
+    kwargs = {"resolution": 16, "channels": 3, "shard_size": 16, "max_bad_fraction": 0.05, "feature_steps": 20,
+              "max_file_bytes": 30_000}
     local = prepare_dataset(source, store, store.url("local"), engine="local", **kwargs)
 
     if ray.is_initialized():
@@ -57,7 +61,9 @@ def test_ray_data_prepare_on_s3_equals_the_local_one_and_resumes(s3_bucket, s3_c
         assert len(set(stats["workers"])) >= 1 and all(peak > 0 for peak in stats["workers"].values())
         assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in local["shards"]]
         assert manifest["count"] == 60 and [s["rows"] for s in manifest["shards"]] == [16, 16, 15, 13]
-        assert manifest["bad_files"]["num_bad"] == 1 and manifest["bad_files"]["bad_files"][0].endswith("bee/zz-broken.png")
+        bad = manifest["bad_files"]
+        assert bad["num_bad"] == 2 and bad["bad_files"][0].endswith("bee/zz-broken.png")
+        assert bad["bad_files"][1].endswith("cow/zz-huge.png") and "above the size cap of 30,000 bytes" in bad["bad_reasons"][1]
         assert manifest["reference_stats"]["sha256"] and manifest["class_counts"] == [20, 20, 20]
 
         # an interrupted run: shard 2 and its record gone; only that chunk is read again

@@ -21,3 +21,12 @@ def test_the_feature_sample_is_part_of_the_data_stage():
     smaller = base.model_copy(update={"data": DataParams(feature_sample=10_000)})
     assert base.data.feature_sample == 50_000
     assert RunLayout(base).fingerprint("data") != RunLayout(smaller).fingerprint("data")
+
+
+def test_the_size_cap_is_part_of_a_folders_data_stage_and_leaves_the_built_in_sets_alone():
+    folder = {"source": "/data/images", "resolution": 8, "channels": 1}
+    base = PipelineParams(data=DataParams(**folder))
+    capped = PipelineParams(data=DataParams(**folder, max_file_bytes=1000))
+    assert RunLayout(base).fingerprint("data") != RunLayout(capped).fingerprint("data")
+    digits, digits_capped = PipelineParams(), PipelineParams(data=DataParams(max_file_bytes=1000))
+    assert RunLayout(digits).stage_fingerprints() == RunLayout(digits_capped).stage_fingerprints()

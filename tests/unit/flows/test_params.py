@@ -120,3 +120,26 @@ def test_cafm_from_scratch_depends_on_no_fm_setting_and_excludes_an_init_checkpo
         post_trained.model_copy(update={"fm": other_fm.fm})).fingerprint("cafm")  # post-training does depend on FM
     with pytest.raises(ValidationError, match="from_scratch and cafm.init_checkpoint exclude each other"):
         PipelineParams.model_validate({"cafm": {"from_scratch": True, "init_checkpoint": "s3://b/fm/model"}})
+
+
+@pytest.mark.parametrize("source", ["http://example.com/images", "https://host/x", "gcs://bucket/images",
+                                    "gs://bucket/images", "memory://images", "ftp://host/images",
+                                    "simplecache::s3://bucket/images", "data:text/plain,abc", "S3://bucket/images"])
+def test_data_source_schemes_other_than_local_file_and_s3_are_refused(source):
+    with pytest.raises(ValidationError, match=r"data source .* is not supported; give a built-in name, a local path, "
+                                              r"file://<path> or s3://<bucket>/<prefix>"):
+        build_params("default", None, [f"data.source={source}", "data.resolution=8", "data.channels=1"])
+
+
+@pytest.mark.parametrize("source", ["digits", "eight_gaussians", "/data/images", "relative/images",
+                                    "file:///data/images", "s3://bucket/images"])
+def test_built_in_names_local_paths_file_and_s3_sources_are_accepted(source):
+    shape = [] if source in ("digits", "eight_gaussians") else ["data.resolution=8", "data.channels=1"]
+    assert build_params("default", None, [f"data.source={source}", *shape]).data.source == source
+
+
+def test_the_image_size_cap_is_a_parameter_of_50_mib_by_default():
+    params = build_params("default", None, ["data.max_file_bytes=1000"])
+    assert params.data.max_file_bytes == 1000 and PipelineParams().data.max_file_bytes == 50 * 1024 * 1024
+    with pytest.raises(ValidationError, match="max_file_bytes"):
+        build_params("default", None, ["data.max_file_bytes=0"])

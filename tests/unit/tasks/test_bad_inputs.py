@@ -1,4 +1,5 @@
-"""Bad inputs not covered elsewhere: huge images, a one-image folder, checkpoints of another size.
+"""Bad inputs not covered elsewhere: huge images, oversized files, other URL schemes, a one-image
+folder, checkpoints of another size.
 
 The full table (case -> test) is in docs/reliability.md.
 """
@@ -6,6 +7,7 @@ The full table (case -> test) is in docs/reliability.md.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 
@@ -122,3 +124,87 @@ def test_truncated_checkpoint_is_refused_by_its_checksum(tmp_path, cut):
     weights.write_bytes(b"" if cut == "zero-byte" else data[: len(data) // 2])
     with pytest.raises(CAFMInputError, match="checksum mismatch for model.safetensors: size"):
         load_model(directory)
+
+
+# ---- image files above the size cap ---------------------------------------------------------
+
+
+def _oversized_png(path, size: int) -> None:
+    """A valid, decodable PNG padded with trailing bytes to ``size`` bytes: only its size is wrong."""
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * (size - os.path.getsize(path)))
+
+
+def _fetched_paths(monkeypatch) -> list[str]:
+    from fsspec.implementations.local import LocalFileSystem
+
+    fetched, real = [], LocalFileSystem.cat_file
+
+    def spy(self, path, *args, **kwargs):
+        fetched.append(str(path))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", spy)
+    return fetched
+
+
+CAP_REASON = r"file is 5,000 bytes, above the size cap of 2,000 bytes \(data.max_file_bytes\); not read"
+
+
+def test_an_image_above_the_size_cap_is_a_counted_bad_file_never_read(tmp_path, monkeypatch):
+    source = _small_folder(tmp_path / "raw")
+    _oversized_png(tmp_path / "raw" / "b" / "big.png", 5000)
+    store = Store(str(tmp_path / "store"))
+    fetched = _fetched_paths(monkeypatch)
+    manifest = prepare_dataset(source, store, store.url("x"), resolution=8, channels=3, max_bad_fraction=0.3,
+                               max_file_bytes=2000, feature_steps=5, engine="local")
+    report = manifest["bad_files"]
+    assert manifest["count"] == 4 and report["num_bad"] == 1 and report["bad_files"][0].endswith("b/big.png")
+    assert re.fullmatch(r"OSError: " + CAP_REASON, report["bad_reasons"][0])
+    assert not [path for path in fetched if path.endswith("big.png")]  # skipped before it was read
+    assert manifest["params"]["max_file_bytes"] == 2000
+    # the default policy (no bad file tolerated): refused, the reason named
+    with pytest.raises(CAFMInputError, match=r"1 of 5 image files are unreadable.*big.png.*above the size cap"):
+        prepare_dataset(source, store, store.url("y"), resolution=8, channels=3, max_file_bytes=2000)
+    # under the default cap (50 MiB) the same file is an ordinary image
+    assert prepare_dataset(source, store, store.url("z"), resolution=8, channels=3, feature_steps=5)["count"] == 5
+
+
+def test_the_in_memory_reader_applies_the_same_cap(tmp_path):
+    source = _small_folder(tmp_path / "raw")
+    _oversized_png(tmp_path / "raw" / "a" / "big.png", 5000)
+    dataset, report = read_image_folder(source, resolution=8, channels=3, max_bad_fraction=0.3, max_file_bytes=2000)
+    assert len(dataset) == 4 and report.bad_files[0].endswith("a/big.png")
+    assert CAP_REASON.replace("\\", "") in report.bad_reasons[0]
+
+
+def test_a_file_grown_past_the_cap_since_listing_is_refused_after_the_read(tmp_path):
+    from tasks.image_shards import ChunkSpec, prepare_chunk
+
+    source = _small_folder(tmp_path / "raw")
+    big = tmp_path / "raw" / "a" / "big.png"
+    _oversized_png(big, 5000)
+    spec = ChunkSpec(0, 0, source, [str(big)], [0], [100], resolution=8, channels=3, max_file_bytes=2000)
+    store = Store(str(tmp_path / "store"))
+    record = prepare_chunk(store, store.url("x"), spec)
+    assert record["rows"] == 0 and CAP_REASON.replace("\\", "") in record["bad_reasons"][0]
+
+
+def test_the_cap_travels_with_a_chunk_to_ray_workers_and_keys_its_shard():
+    from tasks.image_shards import ChunkSpec
+
+    spec = ChunkSpec(3, 48, "s3://b/raw", ["s3://b/raw/a/0.png"], [0], [10], resolution=8, channels=3,
+                     max_file_bytes=1234)
+    assert ChunkSpec.from_json(spec.to_json()) == spec  # what the Ray Data engine's tasks receive
+    other = ChunkSpec(3, 48, "s3://b/raw", ["s3://b/raw/a/0.png"], [0], [10], resolution=8, channels=3)
+    assert other.max_file_bytes == 50 * 1024 * 1024 and other.key != spec.key  # another cap: the shard is redone
+
+
+@pytest.mark.parametrize("source", ["http://example.com/raw", "memory://raw", "gcs://bucket/raw",
+                                    "simplecache::file:///tmp/raw"])
+def test_prepare_refuses_a_source_scheme_other_than_local_file_and_s3(tmp_path, source):
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(CAFMInputError, match=r"is not supported; give a built-in name, a local path, file://"):
+        prepare_dataset(source, store, store.url("x"), resolution=8, channels=3)
+    assert not os.path.exists(store.url("x"))
