@@ -69,9 +69,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 @contextmanager
-def environ_scope(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``env`` for the block, then restored exactly."""
-    saved = {k: os.environ.get(k) for k in env}
+def environ_scope(env: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` (and without the variables in ``unset``) for the
+    block, then restored exactly."""
+    saved = {k: os.environ.get(k) for k in (*env, *unset)}
+    for key in unset:
+        os.environ.pop(key, None)
     os.environ.update(env)
     try:
         yield
@@ -184,6 +187,12 @@ class StackConfig:
             "CAFM_STORAGE_ROOT": self.storage_root,
             "CAFM_WORK_POOL": self.work_pool,
         }
+
+
+def s3_unset(config: StackConfig) -> tuple[str, ...]:
+    """What must leave a process's environment beside :func:`s3_credentials`: for the local
+    server, a caller's session token or profile (it would spoil the stack keys' signature)."""
+    return _AWS_SESSION_VARIABLES if config.local_s3 else ()
 
 
 def s3_credentials(config: StackConfig) -> dict[str, str]:

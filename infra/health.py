@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from infra.config import HOST, SERVICES, StackConfig, StackError, environ_scope, s3_credentials
+from infra.config import HOST, SERVICES, StackConfig, StackError, environ_scope, s3_credentials, s3_unset
 from infra.auth import read_secrets
 
 MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # a REST call that needs authentication
@@ -148,18 +148,45 @@ def check_bucket(config: StackConfig, create: bool = False) -> None:
     ``create``: make it first (local S3 only: a real bucket is the operator's to create)."""
     from tasks.storage import StorageError, check_reachable
 
-    with environ_scope(s3_credentials(config)):
+    env = s3_credentials(config)
+    with environ_scope(env, unset=s3_unset(config)):
         try:
             if create:
-                import boto3
-
-                client = boto3.client("s3", endpoint_url=config.s3_url)
-                names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-                if config.bucket not in names:
-                    client.create_bucket(Bucket=config.bucket)
+                _create_bucket(config, env)
             check_reachable(f"s3://{config.bucket}/mlflow")
         except StorageError as exc:
             raise StackError(str(exc)) from None
+
+
+def _create_bucket(config: StackConfig, env: dict[str, str]) -> None:
+    """Make the stack's bucket unless it exists, signed with exactly the keys in ``env``.
+
+    The client comes from a session of its own with the keys passed in: boto3's default
+    session (``boto3.client``) keeps the first credentials it resolved in this process, so in a
+    process that used boto3 before (a notebook, a test session) it would sign with those, not
+    with the stack's keys the environment holds now."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    session = boto3.session.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                                    aws_session_token=env.get("AWS_SESSION_TOKEN"),
+                                    region_name=env.get("AWS_DEFAULT_REGION") or "us-east-1")
+    client = session.client("s3", endpoint_url=config.s3_url)
+    try:
+        names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if config.bucket not in names:
+            client.create_bucket(Bucket=config.bucket)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        if error.get("Code") == "BucketAlreadyOwnedByYou":  # made meanwhile by a concurrent `up`
+            return
+        raise StackError(f"S3 endpoint {config.s3_url}: cannot create bucket {config.bucket} with key id "
+                         f"{env['AWS_ACCESS_KEY_ID']}: {error.get('Code')} {error.get('Message', '')}".rstrip()) from None
+    except BotoCoreError as exc:
+        raise StackError(f"S3 endpoint {config.s3_url}: cannot create bucket {config.bucket}: {exc}") from None
+    finally:
+        client.close()
 
 
 def _bucket_usable(config: StackConfig) -> bool:

@@ -112,6 +112,46 @@ def test_wrong_keys_get_the_storage_layers_clear_error(server):
         check_reachable("s3://cafm-check/runs")
 
 
+
+def _stack_home(folder: Path, key_id: str, secret: str) -> Path:
+    """A stack folder whose ``s3-keys`` (mode 0600, as ``up`` writes it) holds this pair."""
+    from infra.auth import S3_KEYS_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = folder / S3_KEYS_FILE
+    keys.write_text(f"AWS_ACCESS_KEY_ID={key_id}\nAWS_SECRET_ACCESS_KEY={secret}\n")
+    keys.chmod(0o600)
+    return folder
+
+
+def test_the_stacks_bucket_check_signs_with_the_stacks_keys_whatever_boto3_resolved_before(server, tmp_path, monkeypatch):
+    """``up`` makes the bucket with the stack's keys even in a process whose boto3 default
+    session already resolved another pair (boto3 keeps it: a test session's moto keys, a
+    notebook's profile) and whose environment holds a session token of the caller's."""
+    import boto3
+
+    from infra.config import StackConfig, StackError
+    from infra.health import check_bucket
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # restored afterwards
+    with environ_scope({"AWS_ACCESS_KEY_ID": "AKIASOMEONEELSE00001", "AWS_SECRET_ACCESS_KEY": "someone-elses-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}):
+        boto3.client("s3", endpoint_url=server)  # the default session resolves (and keeps) this pair
+    assert boto3.DEFAULT_SESSION.get_credentials().access_key == "AKIASOMEONEELSE00001"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "the-callers-session-token")
+    port = int(server.rsplit(":", 1)[1])
+    config = StackConfig(home=_stack_home(tmp_path / "stack", KEY_ID, SECRET), s3_port=port, bucket="cafm-made-by-up")
+    check_bucket(config, create=True)
+    check_bucket(config, create=True)  # idempotent
+    assert "cafm-made-by-up" in {b["Name"] for b in _client(server).list_buckets()["Buckets"]}
+    assert os.environ["AWS_SESSION_TOKEN"] == "the-callers-session-token"  # put back after the check
+
+    wrong = StackConfig(home=_stack_home(tmp_path / "wrong", KEY_ID, "not-the-servers-secret"), s3_port=port,
+                        bucket="cafm-not-made")
+    with pytest.raises(StackError, match="SignatureDoesNotMatch") as refused:
+        check_bucket(wrong, create=True)
+    assert "not-the-servers-secret" not in str(refused.value) and server in str(refused.value)
+
 def _presigned(url: str, key: str = "small", secret: str = SECRET, expires: int = 300, version: str = "s3v4",
                method: str = "get_object") -> str:
     import boto3

@@ -58,37 +58,64 @@ def _eval_params(root: str) -> dict:
     return {"data_url": f"{root}/{RUN_NAME}/data", "seeds": [0], "sampling": {"nfes": [4, 8], "num_samples": 256}}
 
 
-CLIENT_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+CALLER_VARIABLES = {"AWS_ACCESS_KEY_ID": "e2e-caller-key", "AWS_SECRET_ACCESS_KEY": CALLER_SECRET,
+                    "MLFLOW_TRACKING_USERNAME": None, "MLFLOW_TRACKING_PASSWORD": None}
+
+
+def _published_env(stack: Stack) -> dict[str, str | None]:
+    """What ``eval "$(python -m infra.stack env)"`` does to a user's shell, as bash does it: each
+    variable it names, with its value afterwards (None: unset). The stack publishes its
+    addresses and its clients' secrets (S3 keys, Prefect's auth string, MLflow's login) there."""
+    import subprocess
+    import sys
+
+    script = 'set -e; out=$("$0" -m infra.stack env); printf "%s\\0" "$out"; eval "$out"; env -0'
+    result = subprocess.run(["bash", "-c", script, sys.executable], cwd=REPO, capture_output=True, timeout=120,
+                            env={**os.environ, "CAFM_STACK_HOME": str(stack.home)})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    printed, *after = result.stdout.decode().split("\0")
+    after = dict(item.split("=", 1) for item in after if "=" in item)
+    names = re.findall(r"^export (\w+)=", printed, re.M) + [n for line in re.findall(r"^unset (.+)$", printed, re.M)
+                                                           for n in line.split()]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_PASSWORD"} <= set(names)
+    return {name: after.get(name) for name in names}
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in CLIENT_VARIABLES}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "e2e-caller-key", "AWS_SECRET_ACCESS_KEY": CALLER_SECRET})
-    os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
-    os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    # the caller has AWS keys of its own (never for the local stack) and no MLflow login
+    saved, ours = {k: os.environ.get(k) for k in CALLER_VARIABLES}, dict(CALLER_VARIABLES)
+    _set_environ(CALLER_VARIABLES)
     # a head that trains nothing (0 CPUs, as on real clusters) and two worker nodes
     config = StackConfig(home=tmp_path_factory.mktemp("stack"), prefect_port=free_port(), mlflow_port=free_port(),
                          s3_port=free_port(), ray_port=free_port(), bucket="cafm-e2e", ray_cpus=0, ray_nodes=2,
                          ray_node_cpus=2)
     stack = Stack(config)
-    start, ours = time.perf_counter(), {}
+    start = time.perf_counter()
     try:
         stack.up(timeout_s=300, echo=lambda line: print(f"[stack] {line}"))
         print(f"[stack] up in {time.perf_counter() - start:.1f}s")
-        secrets = _secrets(stack)
-        ours.update({**secrets.s3_env(), **secrets.mlflow_client_env()})  # this process is a client too (boto3, MlflowClient)
-        os.environ.update(ours)
+        # this process is a client too (boto3, s3fs, MlflowClient): it takes what the stack
+        # publishes to its clients, as a user's shell does
+        published = _published_env(stack)
+        saved.update({k: os.environ.get(k) for k in published if k not in saved})
+        ours.update(published)
+        _set_environ(published)
         yield stack
     finally:
         stack.down()  # idempotent: the last test has already brought it down
         for key, value in saved.items():
-            if os.environ.get(key) not in {"e2e-caller-key", CALLER_SECRET, *ours.values()}:
+            if os.environ.get(key) != ours[key]:
                 continue  # another fixture (the session's S3 server) has set it since: leave it
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            _set_environ({key: value})
 
 
 def _secrets(stack: Stack) -> StackSecrets:
@@ -251,6 +278,12 @@ def test_s3_refuses_wrong_keys_unsigned_requests_and_its_control_api(stack):
     with pytest.raises(ClientError):  # still checked after the attempt to switch the checks off
         _s3(stack, aws_access_key_id="e2e-caller-key", aws_secret_access_key=CALLER_SECRET).list_buckets()
     assert stack.config.bucket in {b["Name"] for b in _s3(stack).list_buckets()["Buckets"]}
+    # what `python -m infra.stack env` publishes (this process took it) is all a client needs
+    import boto3
+
+    from_env = boto3.session.Session().client("s3")  # a fresh session: endpoint, region and keys from the environment
+    assert os.environ["AWS_ENDPOINT_URL"] == stack.config.s3_url
+    assert stack.config.bucket in {b["Name"] for b in from_env.list_buckets()["Buckets"]}
 
 
 @pytest.fixture(scope="module")
@@ -628,8 +661,10 @@ def _files_under(*roots: Path):
 def test_stack_secrets_are_private_files_and_in_no_log_or_state_file(stack):
     """The secrets' files are 0600; no secret (the stack's, or the caller's AWS key, which the
     local stack never takes) is in any service's log, the state file, or Ray's session logs
-    of the head and both worker nodes. Runs after the pipeline, evaluation and UI runs (file
-    order), so the logs hold all of their output (the worker's log holds the flow runs')."""
+    of the head and both worker nodes, nor in what Prefect and MLflow keep (their databases:
+    flow-run logs and parameters, MLflow's params and tags; the bucket: MLflow's artifacts and
+    the run folders). Runs after the pipeline, evaluation and UI runs (file order), so the
+    logs hold all of their output (the worker's log holds the flow runs')."""
     for name in (PREFECT_AUTH_FILE, MLFLOW_AUTH_FILE, S3_KEYS_FILE):
         assert (stack.home / name).stat().st_mode & 0o777 == 0o600, name
     needles = [secret.encode() for secret in _needles(stack)]
@@ -644,6 +679,20 @@ def test_stack_secrets_are_private_files_and_in_no_log_or_state_file(stack):
         searched += 1
         found += [(str(path), needle[:6]) for needle in needles if needle in data]
     assert searched > 20 and found == [], found  # the services' logs, stack.json and Ray's logs were read
+    databases = [path for path in _files_under(stack.home / "prefect", stack.home / "mlflow")
+                 if path.name.endswith((".db", ".db-wal", ".db-journal"))]
+    assert {"prefect.db", "mlflow.db"} <= {path.name for path in databases}
+    for path in databases:
+        data = path.read_bytes()
+        found += [(str(path), needle[:6]) for needle in needles if needle in data]
+    client, objects = _s3(stack), 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.config.bucket):
+        for item in page.get("Contents", []):
+            if item["Size"] <= 4 * 1024 * 1024:
+                data = client.get_object(Bucket=stack.config.bucket, Key=item["Key"])["Body"].read()
+                found += [(f"s3://{stack.config.bucket}/{item['Key']}", needle[:6]) for needle in needles if needle in data]
+                objects += 1
+    assert objects > 20 and found == [], found  # Prefect's and MLflow's databases, the bucket's objects
     # what the services were started with: their environment holds only the secrets they use
     pids = stack.pids()
     environ = {service: Path(f"/proc/{pid}/environ").read_bytes() for service, pid in pids.items()}

@@ -103,6 +103,13 @@ def test_environ_scope_restores_changed_and_removes_added_variables_even_on_erro
     assert "CAFM_TEST_ADDED" not in os.environ
 
 
+
+def test_environ_scope_unsets_variables_for_the_block_and_puts_them_back(monkeypatch):
+    monkeypatch.setenv("CAFM_TEST_SESSION", "a-token")
+    with environ_scope({"CAFM_TEST_KEPT": "inside"}, unset=("CAFM_TEST_SESSION",)):
+        assert "CAFM_TEST_SESSION" not in os.environ
+    assert os.environ["CAFM_TEST_SESSION"] == "a-token" and "CAFM_TEST_KEPT" not in os.environ
+
 def _infra_imports(module: Path) -> list[tuple[str, str]]:
     """(module, name) for every ``from infra.X import name`` in ``module``, at any depth."""
     found = []
