@@ -1,5 +1,6 @@
 """What the local team stack is and where it lives: :class:`StackConfig` from ``CAFM_*``
-environment variables, the stack's addresses, and the S3 credentials its services get.
+environment variables, the stack's addresses, and the S3 credentials its services get (the
+stack's own generated keys for the local server, ``infra/auth.py``).
 Starts nothing and touches no network.
 """
 
@@ -19,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 SERVICES = ("s3", "ray", "mlflow", "prefect", "worker")
-# Local S3 (moto) accepts any key pair; these are used only when the environment has none.
-LOCAL_S3_KEY_ID, LOCAL_S3_SECRET = "cafm-local", "cafm-local-secret"
+# What a caller's AWS profile or session could slip into a signature for the local server.
+_AWS_SESSION_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 
 
 class StackError(RuntimeError):
@@ -68,9 +69,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 @contextmanager
-def environ_scope(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``env`` for the block, then restored exactly."""
-    saved = {k: os.environ.get(k) for k in env}
+def environ_scope(env: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` (and without the variables in ``unset``) for the
+    block, then restored exactly."""
+    saved = {k: os.environ.get(k) for k in (*env, *unset)}
+    for key in unset:
+        os.environ.pop(key, None)
     os.environ.update(env)
     try:
         yield
@@ -170,7 +174,8 @@ class StackConfig:
         return Path("/tmp") / f"cafm-ray-{self.stack_id}-{name.rsplit('-', 1)[1]}"
 
     def client_env(self) -> dict[str, str]:
-        """What a process needs to use the stack (no secrets: keys stay in the caller's env)."""
+        """What a process needs to find the stack: addresses only. Its secrets (Prefect's auth
+        string, MLflow's password, the local S3 keys) are in ``infra/auth.py``."""
         return {
             "PREFECT_API_URL": self.prefect_api,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
@@ -184,12 +189,24 @@ class StackConfig:
         }
 
 
+def s3_unset(config: StackConfig) -> tuple[str, ...]:
+    """What must leave a process's environment beside :func:`s3_credentials`: for the local
+    server, a caller's session token or profile (it would spoil the stack keys' signature)."""
+    return _AWS_SESSION_VARIABLES if config.local_s3 else ()
+
+
 def s3_credentials(config: StackConfig) -> dict[str, str]:
-    """S3 variables for the services: the environment's keys; local dummies for moto only."""
+    """S3 variables for the services. The local server: the stack's own key pair
+    (``<home>/s3-keys``, made by ``up``; the only pair that server accepts), whatever keys
+    the caller's environment holds (those never reach the local stack). A real endpoint:
+    the environment's keys (an error when missing)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") and v}
     if config.local_s3:
-        env.setdefault("AWS_ACCESS_KEY_ID", LOCAL_S3_KEY_ID)
-        env.setdefault("AWS_SECRET_ACCESS_KEY", LOCAL_S3_SECRET)
+        from infra.auth import read_secrets  # lazy: infra.auth imports this module
+
+        for key in _AWS_SESSION_VARIABLES:
+            env.pop(key, None)
+        env.update(read_secrets(config.home).need("s3_secret").s3_env())
     elif not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
         raise StackError(f"CAFM_S3_ENDPOINT={config.s3_endpoint} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
     env.setdefault("AWS_DEFAULT_REGION", "us-east-1")

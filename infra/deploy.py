@@ -1,13 +1,14 @@
 """``prefect deploy --all`` with checks first: each bad input gets one clear error before
 anything is registered.
 
-Checked, in order: the Prefect server answers; every ``{{ $VAR }}`` in ``prefect.yaml`` is
+Checked, in order: the Prefect server answers and accepts ``PREFECT_API_AUTH_STRING``; every ``{{ $VAR }}`` in ``prefect.yaml`` is
 set; the code's repository answers (``git ls-remote``) and holds the commit the pull step
 clones (a warning, not an error, when this checkout has uncommitted changes: they are not
 deployed); each deployment's parameters validate against its flow's typed parameters; each
 ``s3://`` bucket named in them exists and is writable with the environment's keys (missing
 bucket, wrong credentials and an unreachable endpoint each say so); the MLflow server the
-worker will use answers; the work pool exists.
+worker will use answers and accepts ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``;
+the work pool exists.
 
 Where the code comes from (``prefect.yaml``'s ``pull`` step, ``git_clone``): the repository
 ``CAFM_CODE_REPOSITORY`` at the commit ``CAFM_CODE_COMMIT``. :func:`deploy_env` defaults the
@@ -26,11 +27,13 @@ import subprocess
 import sys
 import shutil
 import tempfile
+import urllib.error
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from infra.auth import read_secrets
 from infra.config import BIN, REPO, StackConfig, StackError, environ_scope, s3_credentials
 from infra.health import api_json, http_ok
 
@@ -175,6 +178,14 @@ def preflight(prefect_file: str | Path, env: dict[str, str], echo=print) -> list
     if not http_ok(f"{api.rstrip('/')}/health", timeout=5):
         raise StackError(f"Prefect server {api} is unreachable (no answer from {api.rstrip('/')}/health); "
                          "is the stack up? (`python -m infra.stack status`)")
+    auth = env.get("PREFECT_API_AUTH_STRING")
+    try:
+        api_json(f"{api.rstrip('/')}/admin/version", auth=auth, timeout=10)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise StackError(f"Prefect server {api} refused {'the' if auth else 'a request without an'} API auth string "
+                             "(PREFECT_API_AUTH_STRING; `python -m infra.stack env` prints the local stack's)") from None
+        raise StackError(f"Prefect server {api}: {exc}") from None
     config = yaml.safe_load(path.read_text()) or {}
     with environ_scope(env):  # Prefect reads `{{ $VAR }}` from os.environ
         deployments = apply_values(config.get("deployments") or [], dict(os.environ), remove_notset=False)
@@ -214,19 +225,23 @@ def preflight(prefect_file: str | Path, env: dict[str, str], echo=print) -> list
         sys.path.remove(str(path.parent))
     for pool in sorted({d.get("work_pool", {}).get("name") for d in deployments} - {None}):
         try:
-            api_json(f"{api.rstrip('/')}/work_pools/{pool}")
+            api_json(f"{api.rstrip('/')}/work_pools/{pool}", auth=auth)
         except Exception as exc:  # noqa: BLE001
             raise StackError(f"work pool {pool!r} is not on {api} ({exc}); `python -m infra.stack up` creates it") from None
     return deployments
 
 
 def deploy_env(config: StackConfig, *, caller_wins: bool = True) -> dict[str, str]:
-    """The variables ``prefect deploy`` and the checks run with: the stack's addresses, the
-    environment's S3 keys and the code's source (:func:`code_source`: this checkout at its
-    ``HEAD``); with ``caller_wins``, a server, pool, repository or commit the caller set wins."""
-    env = {**s3_credentials(config), **config.client_env(), **code_source(caller_wins=caller_wins)}
+    """The variables ``prefect deploy`` and the checks run with: the stack's addresses, its S3
+    keys (the environment's for a real endpoint), Prefect's auth string and MLflow's login (the
+    stack's files) and the code's source (:func:`code_source`: this checkout at its ``HEAD``);
+    with ``caller_wins``, a server, login, pool, repository or commit the caller set wins."""
+    secrets = read_secrets(config.home)
+    env = {**s3_credentials(config), **config.client_env(), **secrets.prefect_client_env(),
+           **secrets.mlflow_client_env(), **code_source(caller_wins=caller_wins)}
     if caller_wins:
-        for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CAFM_STORAGE_ROOT", "CAFM_WORK_POOL"):
+        for key in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                    "MLFLOW_TRACKING_PASSWORD", "CAFM_STORAGE_ROOT", "CAFM_WORK_POOL"):
             if os.environ.get(key):
                 env[key] = os.environ[key]
     return env

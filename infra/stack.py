@@ -12,8 +12,11 @@ Every setting comes from the environment (see :class:`StackConfig`); the state (
 logs, the SQLite databases) lives under ``CAFM_STACK_HOME`` (default ``<repo>/.stack``).
 Each service runs in its own session (process group) and carries ``CAFM_STACK_ID`` in its
 environment, so ``down`` stops it with all its children, and :func:`stack_processes` finds
-anything left behind. Secrets (S3 keys, a Postgres password) are passed to the services
-through their environment only; they are never written to the state file or printed.
+anything left behind. The stack's own secrets (``infra/auth.py``: Prefect's API auth string,
+MLflow's admin login, the local S3 keys; files of mode 0600 under ``CAFM_STACK_HOME``, made
+once by ``up``) and the caller's (a real endpoint's S3 keys, a Postgres password) reach each
+service through its environment only, and only the services that use them; they are never
+written to the state file or logged (``env`` prints the stack's, for a shell to use).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,8 +34,9 @@ import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 
-from infra.config import (BIN, HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, REPO, SERVICES, StackConfig, StackError,
-                          free_port, redact_url, s3_credentials)
+from infra.auth import SECRET_VARIABLES, ensure_secrets, read_secrets
+from infra.config import (BIN, HOST, REPO, SERVICES, StackConfig, StackError, free_port, redact_url,
+                          s3_credentials)
 from infra.deploy import deploy, deploy_env
 from infra.health import api_json, check_bucket, healthy, port_open, worker_online
 from tasks.code_version import PACKAGES
@@ -119,6 +124,8 @@ class Stack:
             raise StackError(f"no service {sorted(unknown)} in this stack; it has {', '.join(self.services())}")
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        self.logs.chmod(0o700)  # the services' logs are the operator's (they hold presigned S3 URLs, short-lived)
+        ensure_secrets(self.home, local_s3=self.config.local_s3)  # made once; a later up reuses them
         pids = self.pids()
         if not self.config.local_s3:
             check_bucket(self.config)  # a real endpoint: the bucket must exist and be writable
@@ -173,11 +180,20 @@ class Stack:
             raise StackError(f"cannot start {service}: port {port} on {HOST} is already in use by another program; "
                              f"set {var} to a free port (or 'auto'), or stop that program")
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, service: str | None = None) -> dict[str, str]:
+        """The environment of ``service`` (None: a Prefect CLI the stack runs against its own
+        server). The caller's variables minus any that carry a secret, then the addresses and,
+        per service, only the secrets it uses: S3 keys for S3, Ray, MLflow and the worker;
+        Prefect's auth string for its server and its clients (the worker, the CLI); MLflow's
+        auth configuration for its server and its login for the worker (the flows)."""
         from tasks.offline import OFFLINE_DEFAULTS  # telemetry off in every service (lazy: importing sets os.environ)
 
-        env = {**OFFLINE_DEFAULTS, **os.environ}
-        env.update(s3_credentials(self.config))
+        secrets = read_secrets(self.home)
+        env = {**OFFLINE_DEFAULTS, **{k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
+            env.pop(key, None)  # S3 credentials only where used (below); the caller's never reach the local stack
+        if service in ("s3", "ray", "mlflow", "worker", *self.config.node_names):
+            env.update(s3_credentials(self.config))
         env.update(self.config.client_env())
         env.update({
             "CAFM_STACK_ID": self.config.stack_id,
@@ -190,14 +206,24 @@ class Stack:
             "NO_PROXY": ",".join(filter(None, [HOST, "localhost", os.environ.get("NO_PROXY")])),
             "no_proxy": ",".join(filter(None, [HOST, "localhost", os.environ.get("no_proxy")])),
         })
-        if self.config.prefect_db_url:
+        if service == "prefect":
+            env.update(secrets.prefect_server_env(self.config.prefect_ui))
+        if service in ("worker", None):
+            env.update(secrets.prefect_client_env())
+        if service == "worker":
+            env.update(secrets.mlflow_client_env())
+        if service == "mlflow":
+            env.update(secrets.mlflow_server_env())
+        if service == "s3":
+            env["PYTHONPATH"] = str(REPO)  # infra.s3_server
+        if self.config.prefect_db_url and service == "prefect":
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.config.prefect_db_url
         return env
 
     def _command(self, service: str) -> list[str]:
         c = self.config
         if service == "s3":
-            return [str(BIN / "moto_server"), "-H", HOST, "-p", str(c.s3_port)]
+            return [sys.executable, "-m", "infra.s3_server", "--host", HOST, "--port", str(c.s3_port)]
         if service == "ray":
             return [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(c.ray_port),
                     "--num-cpus", str(c.ray_cpus), "--include-dashboard", "false", "--dashboard-host", HOST,
@@ -206,7 +232,7 @@ class Stack:
         if service == "mlflow":
             db = self.home / "mlflow" / "mlflow.db"
             db.parent.mkdir(parents=True, exist_ok=True)
-            return [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(c.mlflow_port), "--workers", "1",
+            return [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", HOST, "--port", str(c.mlflow_port), "--workers", "1",
                     "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", f"s3://{c.bucket}/mlflow"]
         if service == "prefect":
             return [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(c.prefect_port)]
@@ -237,7 +263,7 @@ class Stack:
             (home / ".ray" / "auth_token").write_bytes(token.read_bytes())
         elif not os.environ.get("RAY_AUTH_TOKEN"):
             raise StackError(f"the Ray head's token {token} is missing (the head makes it on start); cannot start {name}")
-        env = {**self._env(), "HOME": str(home), "TMPDIR": str(tmp)}
+        env = {**self._env(name), "HOME": str(home), "TMPDIR": str(tmp)}
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         if not code:
             return env, root
@@ -257,7 +283,7 @@ class Stack:
         log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - handed to the child
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {service}\n".encode())
         log.flush()
-        env, cwd = self._env(), self.home
+        env, cwd = self._env(service), self.home
         if service in self.config.node_names or service == "worker":
             env, cwd = self._machine(service, code=service != "worker")
         elif service == "ray":  # the head: the user's HOME (its token), its own copy of the code
@@ -283,7 +309,7 @@ class Stack:
     def _create_work_pool(self) -> None:
         env = self._env()
         try:
-            api_json(f"{self.config.prefect_api}/work_pools/{self.config.work_pool}")
+            api_json(f"{self.config.prefect_api}/work_pools/{self.config.work_pool}", auth=env.get("PREFECT_API_AUTH_STRING"))
             return  # exists
         except urllib.error.HTTPError as exc:
             if exc.code != 404:
@@ -342,6 +368,21 @@ def tail(path: Path, lines: int = 40) -> str:
 
 # ---- CLI -----------------------------------------------------------------------------------
 
+def shell_env(config: StackConfig) -> str:
+    """``export`` lines that point a shell at the stack: its addresses and the secrets a client
+    needs (read from their files: Prefect's auth string, MLflow's login, the local S3 keys).
+    Meant for ``eval``; it prints secrets, so never into a log."""
+    secrets = read_secrets(config.home).need("prefect_auth", "mlflow_password")
+    env = {**config.client_env(), **secrets.prefect_client_env(), **secrets.mlflow_client_env()}
+    if config.local_s3:
+        env.update(secrets.need("s3_secret").s3_env())
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    if config.local_s3:
+        lines.append("export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}")
+        lines.append("unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN")  # a session token would spoil the signature
+    return "".join(line + "\n" for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{service:10s} {'healthy' if info['healthy'] else 'DOWN':8s} {info['url']}  pid {info['pid']}")
             return 0 if all(i["healthy"] for i in report.values()) else 1
         elif args.command == "env":
-            for key, value in stack.config.client_env().items():
-                print(f"export {key}={value}")
-            if stack.config.local_s3:  # the local server's dummy keys, unless the caller has keys
-                print(f"export AWS_ACCESS_KEY_ID=${{AWS_ACCESS_KEY_ID:-{LOCAL_S3_KEY_ID}}}")
-                print(f"export AWS_SECRET_ACCESS_KEY=${{AWS_SECRET_ACCESS_KEY:-{LOCAL_S3_SECRET}}}")
-                print("export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}")
+            print(shell_env(stack.config), end="")
         elif args.command == "logs":
             if args.service and args.service not in {*SERVICES, *stack.config.node_names}:
                 raise StackError(f"no service {args.service!r}; this stack has {', '.join(stack.services())}")

@@ -83,8 +83,11 @@ def flat_params(params: Mapping) -> dict[str, str]:
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail early, with the URI in the message, when the tracking store cannot be reached."""
+    """Fail early, with the URI in the message, when the tracking store cannot be reached, or
+    when a server with authentication refuses this process's login
+    (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``)."""
     if uri.startswith(("http://", "https://")):
+        import base64
         import urllib.error
         import urllib.request
 
@@ -92,6 +95,24 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
+        headers = {}
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if user and password:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        probe = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+        try:
+            urllib.request.urlopen(probe, timeout=timeout_s).read()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                given = f"the login of MLFLOW_TRACKING_USERNAME={user}" if headers and user else \
+                    "the token in MLFLOW_TRACKING_TOKEN" if headers else "no login"
+                raise TrackingError(
+                    f"MLflow tracking server {uri} refused {given} (HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (`python -m infra.stack env` prints the local stack's)") from None
+        except (urllib.error.URLError, OSError):
+            pass  # it answered /health: a slow search is the tracker's to retry, not a reason to stop here
     elif uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
 

@@ -4,7 +4,9 @@ deployment triggered through the Prefect API (as the UI does) and run by the pro
 (its own folder, HOME and TMPDIR, no checkout: each run clones the commit) on the multi-node
 cluster with two DDP workers on different nodes, results checked in MLflow and the bucket; the scheduled evaluation
 deployment (trend artifact, idempotent rerun, regression fails, better candidate promoted);
-a run started from the Prefect UI in headless Chromium; stack down leaves no process.
+a run started from the Prefect UI in headless Chromium (through the UI's login form); every
+server refuses a request without the stack's credentials, the secrets' files are 0600 and
+no secret is in a log or the state file; stack down leaves no process.
 
 Real services on 127.0.0.1 with free ports (infra/stack.py); tests run in file order and
 share the module's stack. About 6-9 minutes on 2 CPU cores.
@@ -25,14 +27,15 @@ from pathlib import Path
 import boto3
 import pytest
 
+from infra.auth import MLFLOW_AUTH_FILE, PREFECT_AUTH_FILE, S3_KEYS_FILE, StackSecrets, read_secrets
 from infra.config import StackConfig, free_port
-from infra.health import api_json
+from infra.health import api_json, basic_auth, http_status
 from infra.stack import Stack, stack_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET = f"e2e-secret-{uuid.uuid4().hex}"  # moto accepts any key pair; this one must never show up
+CALLER_SECRET = f"e2e-caller-secret-{uuid.uuid4().hex}"  # the caller's own AWS key: the local stack never takes it
 RUN_NAME = "digits"  # the evaluation deployment's default held set is <root>/digits/data (its one dataset)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = Path(os.environ.get("CAFM_SCREENSHOT_DIR", REPO / "outputs" / "screenshots"))
@@ -55,10 +58,42 @@ def _eval_params(root: str) -> dict:
     return {"data_url": f"{root}/{RUN_NAME}/data", "seeds": [0], "sampling": {"nfes": [4, 8], "num_samples": 256}}
 
 
+CALLER_VARIABLES = {"AWS_ACCESS_KEY_ID": "e2e-caller-key", "AWS_SECRET_ACCESS_KEY": CALLER_SECRET,
+                    "MLFLOW_TRACKING_USERNAME": None, "MLFLOW_TRACKING_PASSWORD": None}
+
+
+def _published_env(stack: Stack) -> dict[str, str | None]:
+    """What ``eval "$(python -m infra.stack env)"`` does to a user's shell, as bash does it: each
+    variable it names, with its value afterwards (None: unset). The stack publishes its
+    addresses and its clients' secrets (S3 keys, Prefect's auth string, MLflow's login) there."""
+    import subprocess
+    import sys
+
+    script = 'set -e; out=$("$0" -m infra.stack env); printf "%s\\0" "$out"; eval "$out"; env -0'
+    result = subprocess.run(["bash", "-c", script, sys.executable], cwd=REPO, capture_output=True, timeout=120,
+                            env={**os.environ, "CAFM_STACK_HOME": str(stack.home)})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    printed, *after = result.stdout.decode().split("\0")
+    after = dict(item.split("=", 1) for item in after if "=" in item)
+    names = re.findall(r"^export (\w+)=", printed, re.M) + [n for line in re.findall(r"^unset (.+)$", printed, re.M)
+                                                           for n in line.split()]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_PASSWORD"} <= set(names)
+    return {name: after.get(name) for name in names}
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "e2e-key", "AWS_SECRET_ACCESS_KEY": SECRET})
+    # the caller has AWS keys of its own (never for the local stack) and no MLflow login
+    saved, ours = {k: os.environ.get(k) for k in CALLER_VARIABLES}, dict(CALLER_VARIABLES)
+    _set_environ(CALLER_VARIABLES)
     # a head that trains nothing (0 CPUs, as on real clusters) and two worker nodes
     config = StackConfig(home=tmp_path_factory.mktemp("stack"), prefect_port=free_port(), mlflow_port=free_port(),
                          s3_port=free_port(), ray_port=free_port(), bucket="cafm-e2e", ray_cpus=0, ray_nodes=2,
@@ -68,21 +103,39 @@ def stack(tmp_path_factory):
     try:
         stack.up(timeout_s=300, echo=lambda line: print(f"[stack] {line}"))
         print(f"[stack] up in {time.perf_counter() - start:.1f}s")
+        # this process is a client too (boto3, s3fs, MlflowClient): it takes what the stack
+        # publishes to its clients, as a user's shell does
+        published = _published_env(stack)
+        saved.update({k: os.environ.get(k) for k in published if k not in saved})
+        ours.update(published)
+        _set_environ(published)
         yield stack
     finally:
         stack.down()  # idempotent: the last test has already brought it down
         for key, value in saved.items():
-            if os.environ.get(key) not in ("e2e-key", SECRET):
+            if os.environ.get(key) != ours[key]:
                 continue  # another fixture (the session's S3 server) has set it since: leave it
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            _set_environ({key: value})
 
 
-def _s3(stack: Stack):
-    return boto3.client("s3", endpoint_url=stack.config.s3_url, aws_access_key_id="e2e-key",
-                        aws_secret_access_key=SECRET, region_name="us-east-1")
+def _secrets(stack: Stack) -> StackSecrets:
+    return read_secrets(stack.home)
+
+
+def _needles(stack: Stack) -> list[str]:
+    """Every secret that must show up nowhere: the stack's (Prefect's auth string, MLflow's
+    password and Flask key, the S3 secret) and the caller's own AWS key."""
+    return [*_secrets(stack).values(), CALLER_SECRET]
+
+
+def _api(stack: Stack, path: str, body: dict | None = None, method: str | None = None):
+    """The stack's Prefect API, authenticated as its clients are (auth string, CSRF token)."""
+    return api_json(f"{stack.config.prefect_api}{path}", body, method=method, auth=_secrets(stack).prefect_auth)
+
+
+def _s3(stack: Stack, **keys):
+    keys = keys or {"aws_access_key_id": _secrets(stack).s3_key_id, "aws_secret_access_key": _secrets(stack).s3_secret}
+    return boto3.client("s3", endpoint_url=stack.config.s3_url, region_name="us-east-1", **keys)
 
 
 def _keys(stack: Stack, prefix: str = "") -> list[str]:
@@ -91,13 +144,13 @@ def _keys(stack: Stack, prefix: str = "") -> list[str]:
 
 
 def _deployment(stack: Stack, name: str) -> dict:
-    return api_json(f"{stack.config.prefect_api}/deployments/name/{name}")
+    return _api(stack, f"/deployments/name/{name}")
 
 
 def _wait(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        run = api_json(f"{stack.config.prefect_api}/flow_runs/{run_id}")
+        run = _api(stack, f"/flow_runs/{run_id}")
         if run["state"]["type"] in TERMINAL:
             return run
         time.sleep(2)
@@ -108,12 +161,12 @@ def _wait(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
 def _trigger(stack: Stack, deployment: str, parameters: dict, timeout_s: float = 600) -> dict:
     """What the UI's "Custom run" does: POST create_flow_run with the parameters; then wait."""
     dep = _deployment(stack, deployment)
-    run = api_json(f"{stack.config.prefect_api}/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    run = _api(stack, f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
     return _wait(stack, run["id"], timeout_s)
 
 
 def _artifacts(stack: Stack, run_id: str) -> dict[str, dict]:
-    found = api_json(f"{stack.config.prefect_api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    found = _api(stack, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
     for artifact in found:
         if artifact["type"] == "table" and isinstance(artifact["data"], str):
             artifact["data"] = json.loads(artifact["data"])
@@ -121,7 +174,7 @@ def _artifacts(stack: Stack, run_id: str) -> dict[str, dict]:
 
 
 def _logs(stack: Stack, run_id: str) -> str:
-    logs = api_json(f"{stack.config.prefect_api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    logs = _api(stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
     return "\n".join(entry["message"] for entry in logs)
 
 
@@ -146,6 +199,91 @@ def test_stack_up_is_healthy_idempotent_and_on_loopback(stack):
     pids = stack.pids()
     for service in ("s3", "mlflow", "prefect"):
         assert _listening_addresses(pids[service]) == {"127.0.0.1"}, service
+
+
+def _opener():
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def test_prefect_refuses_requests_without_the_auth_string_foreign_origins_and_writes_without_csrf(stack):
+    """401 without (or with a wrong) auth string on every API route but the health probe;
+    CORS only for the UI's own origin; a write without Prefect's CSRF token is refused."""
+    import urllib.error
+    import urllib.request
+
+    secrets = _secrets(stack)
+    api, ui = stack.config.prefect_api, stack.config.prefect_ui
+    for path in ("/admin/version", "/deployments/filter", "/block_documents/filter", "/csrf-token?client=x"):
+        assert http_status(api + path) == 401, path  # refused before any route (health probes excepted)
+    assert http_status(f"{api}/admin/version", basic_auth("cafm:not-the-auth-string")) == 401
+    assert http_status(f"{api}/admin/version", basic_auth(secrets.prefect_auth)) == 200
+    assert http_status(f"{api}/health") == 200  # the probe path needs no auth string
+    opener = _opener()
+
+    def cors(origin: str, method: str) -> str | None:
+        headers = {"Origin": origin, **({"Access-Control-Request-Method": "POST",
+                                          "Access-Control-Request-Headers": "authorization,content-type"}
+                                         if method == "OPTIONS" else basic_auth(secrets.prefect_auth))}
+        try:
+            with opener.open(urllib.request.Request(f"{api}/admin/version", method=method, headers=headers), timeout=10) as r:
+                return r.headers.get("Access-Control-Allow-Origin")
+        except urllib.error.HTTPError as exc:
+            return exc.headers.get("Access-Control-Allow-Origin")
+
+    for method in ("OPTIONS", "GET"):  # a web page elsewhere may neither send its request nor read the answer
+        assert cors("http://evil.example", method) is None, method
+        assert cors(ui, method) == ui, method
+    write = urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST",
+                                   headers={"Content-Type": "application/json", **basic_auth(secrets.prefect_auth)})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(write, timeout=10)
+    assert refused.value.code == 403 and "CSRF" in refused.value.read().decode()
+    assert isinstance(_api(stack, "/flows/filter", {}), list)  # with the token (as every client fetches it)
+
+
+def test_mlflow_refuses_requests_without_the_stacks_login(stack):
+    secrets = _secrets(stack)
+    search = f"{stack.config.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    login = f"{secrets.mlflow_username}:{secrets.mlflow_password}"
+    assert http_status(search) == 401
+    assert http_status(search, basic_auth(f"{secrets.mlflow_username}:not-the-password")) == 401
+    assert http_status(search, basic_auth(login)) == 200
+    assert http_status(f"{stack.config.mlflow_url}/health") == 200  # the probe path needs no login
+    assert http_status(f"{stack.config.mlflow_url}/signup") == 401  # nobody signs up without a login
+
+
+def test_s3_refuses_wrong_keys_unsigned_requests_and_its_control_api(stack):
+    """Only the stack's generated key pair is accepted (not the caller's AWS key, which the
+    local stack never takes); moto's unauthenticated control API cannot switch that off."""
+    import urllib.error
+    import urllib.request
+
+    from botocore.exceptions import ClientError
+
+    secrets = _secrets(stack)
+    opener = _opener()
+    for keys in ({"aws_access_key_id": secrets.s3_key_id, "aws_secret_access_key": "not-the-secret"},
+                 {"aws_access_key_id": "e2e-caller-key", "aws_secret_access_key": CALLER_SECRET}):
+        with pytest.raises(ClientError) as denied:
+            _s3(stack, **keys).list_objects_v2(Bucket=stack.config.bucket)
+        assert denied.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "InvalidAccessKeyId")
+    assert http_status(f"{stack.config.s3_url}/{stack.config.bucket}") == 403  # unsigned
+    reset = urllib.request.Request(f"{stack.config.s3_url}/moto-api/reset-auth", data=b"inf", method="POST",
+                                   headers={"Content-Type": "text/plain"})  # as moto's own client sends it
+    with pytest.raises(urllib.error.HTTPError) as closed:
+        opener.open(reset, timeout=10)
+    assert closed.value.code == 403
+    with pytest.raises(ClientError):  # still checked after the attempt to switch the checks off
+        _s3(stack, aws_access_key_id="e2e-caller-key", aws_secret_access_key=CALLER_SECRET).list_buckets()
+    assert stack.config.bucket in {b["Name"] for b in _s3(stack).list_buckets()["Buckets"]}
+    # what `python -m infra.stack env` publishes (this process took it) is all a client needs
+    import boto3
+
+    from_env = boto3.session.Session().client("s3")  # a fresh session: endpoint, region and keys from the environment
+    assert os.environ["AWS_ENDPOINT_URL"] == stack.config.s3_url
+    assert stack.config.bucket in {b["Name"] for b in from_env.list_buckets()["Buckets"]}
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +354,10 @@ def test_pipeline_deployment_runs_to_completed_with_results_in_mlflow_and_the_bu
     assert len(_stage_outputs(stack, "samples")["nodes"]) == 2
 
     # secrets reach neither Prefect (parameters, logs) nor MLflow (params, tags)
-    assert SECRET not in str(pipeline_run["parameters"]) and SECRET not in _logs(stack, pipeline_run["id"])
-    for run in runs:
-        assert SECRET not in str({**run.data.params, **run.data.tags})
+    for secret in _needles(stack):
+        assert secret not in str(pipeline_run["parameters"]) and secret not in _logs(stack, pipeline_run["id"])
+        for run in runs:
+            assert secret not in str({**run.data.params, **run.data.tags})
 
 
 def _head_commit() -> str:
@@ -319,8 +458,8 @@ def test_scheduled_evaluation_publishes_trend_is_idempotent_fails_on_regression_
     trend = _artifacts(stack, promoted["id"])["model-trend"]["data"]
     assert [row["version"] for row in trend] == ["1", "2"] and trend[0]["role"] == "champion, candidate"
     assert len(_evaluation_runs(stack, protocol)) == 2  # each version evaluated once in all
-    for run_id in (first["id"], failed["id"], promoted["id"]):
-        assert SECRET not in str(_artifacts(stack, run_id)) and SECRET not in _logs(stack, run_id)
+    for run_id, secret in ((r, s) for r in (first["id"], failed["id"], promoted["id"]) for s in _needles(stack)):
+        assert secret not in str(_artifacts(stack, run_id)) and secret not in _logs(stack, run_id)
 
 
 def _browser():
@@ -376,6 +515,25 @@ def _page_text(driver) -> str:
     return driver.execute_script("return document.body.innerText")
 
 
+def login_to_ui(driver, ui_url: str, auth_string: str) -> None:
+    """With the API auth string on, the UI sends every visitor to its login form first: type
+    the stack's auth string there and press Login, as a user does (the UI keeps it in the
+    browser's local storage for the pages after)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{ui_url}/deployments")
+    deadline = time.monotonic() + 30
+    while "/login" not in driver.current_url and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "/login" in driver.current_url, f"the UI showed {driver.current_url} without asking for the auth string"
+    driver.find_element(By.XPATH, "//input[@type='password']").send_keys(auth_string)
+    _click(driver, "//button[normalize-space(.)='Login']")
+    deadline = time.monotonic() + 30
+    while "/login" in driver.current_url and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "/login" not in driver.current_url, f"the UI refused the stack's auth string: {_page_text(driver)[:300]}"
+
+
 def quick_run_from_ui(driver, ui_url: str, deployment: str) -> None:
     """Deployments -> the deployment -> Run -> Quick run, as a user clicks it."""
     driver.get(f"{ui_url}/deployments")
@@ -385,20 +543,20 @@ def quick_run_from_ui(driver, ui_url: str, deployment: str) -> None:
 
 
 def test_prefect_ui_starts_the_evaluation_deployment_and_shows_it_completed(stack, pipeline_run):
-    api = stack.config.prefect_api
     deployment = _deployment(stack, "model-evaluation/scheduled")
     # the operator sets the deployment's parameters (as "Edit" in the UI does) to the e2e held set
-    api_json(f"{api}/deployments/{deployment['id']}", {"parameters": {"params": _eval_params(stack.config.storage_root)}},
-             method="PATCH")
+    _api(stack, f"/deployments/{deployment['id']}", {"parameters": {"params": _eval_params(stack.config.storage_root)}},
+         method="PATCH")
     runs_filter = {"deployments": {"id": {"any_": [deployment["id"]]}}}
-    before = {r["id"] for r in api_json(f"{api}/flow_runs/filter", runs_filter)}
+    before = {r["id"] for r in _api(stack, "/flow_runs/filter", runs_filter)}
     evaluations_before = len(_evaluation_runs(stack))
     driver, profile = _browser()
     try:
+        login_to_ui(driver, stack.config.prefect_ui, _secrets(stack).prefect_auth)
         quick_run_from_ui(driver, stack.config.prefect_ui, "scheduled")
         deadline, new = time.monotonic() + 30, []
         while not new and time.monotonic() < deadline:
-            new = [r for r in api_json(f"{api}/flow_runs/filter", runs_filter)
+            new = [r for r in _api(stack, "/flow_runs/filter", runs_filter)
                    if r["id"] not in before and not r.get("auto_scheduled")]
             time.sleep(1)
         assert len(new) == 1, f"the UI's Quick run created no flow run (new: {new})"
@@ -431,6 +589,7 @@ def test_prefect_ui_shows_the_pipelines_sample_grid(stack, pipeline_run):
     assert artifact["type"] == "image" and artifact["data"].startswith("data:image/png;base64,")
     driver, profile = _browser()
     try:
+        login_to_ui(driver, stack.config.prefect_ui, _secrets(stack).prefect_auth)
         driver.get(f"{stack.config.prefect_ui}/artifacts/artifact/{artifact['id']}")
         script = ("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png') && i.complete)"
                   ".map(i => i.naturalWidth)")
@@ -445,7 +604,7 @@ def test_prefect_ui_shows_the_pipelines_sample_grid(stack, pipeline_run):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s3_auth_enforced):
+def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path):
     from infra.config import StackError
     from infra.deploy import deploy_env, preflight
 
@@ -471,16 +630,77 @@ def test_deploy_rejects_bad_input_with_clear_errors(stack, deployed, tmp_path, s
 
     dep = _deployment(stack, "cafm-pipeline/main")
     with pytest.raises(urllib.error.HTTPError) as refused:
-        api_json(f"{stack.config.prefect_api}/deployments/{dep['id']}/create_flow_run",
-                 {"parameters": {"params": {"fm": {"steps": 0}}}})
+        _api(stack, f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"params": {"fm": {"steps": 0}}}})
     assert refused.value.code in (409, 422) and "steps" in str(refused.value.reason), refused.value.reason
 
-    bucket, key_id, _ = s3_auth_enforced  # a server that checks keys: a wrong secret is refused
-    wrong = {**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": key_id,
-             "AWS_SECRET_ACCESS_KEY": "wrong-secret", "CAFM_STORAGE_ROOT": f"{bucket}/runs"}
+    # the stack's own S3 server checks keys: a wrong secret is refused, with the clear error
+    wrong = {**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
     with pytest.raises(StackError, match="credentials rejected") as error:
         preflight(yaml_file, wrong)
     assert "wrong-secret" not in str(error.value)
+
+    # a wrong (or no) Prefect auth string and a wrong MLflow password are each refused by name
+    for auth in ("cafm:wrong-auth-string", None):
+        without = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+        with pytest.raises(StackError, match="refused (the|a request without an) API auth string") as error:
+            preflight(yaml_file, {**without, **({"PREFECT_API_AUTH_STRING": auth} if auth else {})})
+        assert "wrong-auth-string" not in str(error.value)
+    with pytest.raises(StackError, match="MLflow tracking server .* refused the login of MLFLOW_TRACKING_USERNAME") as error:
+        preflight(yaml_file, {**env, "MLFLOW_TRACKING_PASSWORD": "wrong-mlflow-password"})
+    assert "wrong-mlflow-password" not in str(error.value)
+
+
+def _files_under(*roots: Path):
+    for root in roots:
+        if root.is_file():
+            yield root
+        elif root.is_dir():
+            yield from (path for path in root.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def test_stack_secrets_are_private_files_and_in_no_log_or_state_file(stack):
+    """The secrets' files are 0600; no secret (the stack's, or the caller's AWS key, which the
+    local stack never takes) is in any service's log, the state file, or Ray's session logs
+    of the head and both worker nodes, nor in what Prefect and MLflow keep (their databases:
+    flow-run logs and parameters, MLflow's params and tags; the bucket: MLflow's artifacts and
+    the run folders). Runs after the pipeline, evaluation and UI runs (file order), so the
+    logs hold all of their output (the worker's log holds the flow runs')."""
+    for name in (PREFECT_AUTH_FILE, MLFLOW_AUTH_FILE, S3_KEYS_FILE):
+        assert (stack.home / name).stat().st_mode & 0o777 == 0o600, name
+    needles = [secret.encode() for secret in _needles(stack)]
+    assert len(needles) == 5 and all(len(n) >= 24 for n in needles)
+    ray_dirs = [stack.config.ray_temp, *(stack.config.node_temp(n) for n in stack.config.node_names)]
+    searched, found = 0, []
+    for path in _files_under(stack.logs, stack.state_file, *ray_dirs):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # a socket or a file Ray removed meanwhile
+        searched += 1
+        found += [(str(path), needle[:6]) for needle in needles if needle in data]
+    assert searched > 20 and found == [], found  # the services' logs, stack.json and Ray's logs were read
+    databases = [path for path in _files_under(stack.home / "prefect", stack.home / "mlflow")
+                 if path.name.endswith((".db", ".db-wal", ".db-journal"))]
+    assert {"prefect.db", "mlflow.db"} <= {path.name for path in databases}
+    for path in databases:
+        data = path.read_bytes()
+        found += [(str(path), needle[:6]) for needle in needles if needle in data]
+    client, objects = _s3(stack), 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.config.bucket):
+        for item in page.get("Contents", []):
+            if item["Size"] <= 4 * 1024 * 1024:
+                data = client.get_object(Bucket=stack.config.bucket, Key=item["Key"])["Body"].read()
+                found += [(f"s3://{stack.config.bucket}/{item['Key']}", needle[:6]) for needle in needles if needle in data]
+                objects += 1
+    assert objects > 20 and found == [], found  # Prefect's and MLflow's databases, the bucket's objects
+    # what the services were started with: their environment holds only the secrets they use
+    pids = stack.pids()
+    environ = {service: Path(f"/proc/{pid}/environ").read_bytes() for service, pid in pids.items()}
+    secrets = _secrets(stack)
+    assert secrets.prefect_auth.encode() not in environ["ray"] + environ["mlflow"] + environ["s3"]
+    assert secrets.mlflow_password.encode() not in environ["ray"] + environ["prefect"] + environ["s3"]
+    assert secrets.s3_secret.encode() not in environ["prefect"]
+    assert CALLER_SECRET.encode() not in b"".join(environ.values())
 
 
 def test_stack_down_leaves_no_process_behind(stack):

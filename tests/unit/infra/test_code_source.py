@@ -136,6 +136,7 @@ def _project(checkout: Path) -> Path:
 @pytest.fixture
 def server_answers(monkeypatch):
     monkeypatch.setattr(infra.deploy, "http_ok", lambda *args, **kwargs: True)
+    monkeypatch.setattr(infra.deploy, "api_json", lambda *args, **kwargs: {})  # and takes the auth string
     return {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from infra.auth import ensure_secrets
 from infra.config import StackConfig, StackError
 from infra.stack import Stack
 
@@ -36,6 +37,7 @@ def test_a_node_gets_its_own_code_home_tmpdir_and_the_clusters_token(tmp_path, m
     token.write_text("secret-token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     config = StackConfig(home=tmp_path / "stack", ray_nodes=1)
+    ensure_secrets(config.home)  # as `up` does first: the node gets the stack's S3 keys
     env, cwd = Stack(config)._machine("ray-node-1", code=True)
     root = config.node_home("ray-node-1")
     assert cwd == root / "code" and env["PYTHONPATH"] == str(root / "code")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, StackConfig, StackError, environ_scope, redact_url, s3_credentials
+from infra.auth import ensure_secrets
+from infra.config import StackConfig, StackError, environ_scope, redact_url, s3_credentials
 
 INFRA = Path(__file__).resolve().parents[3] / "infra"
 
@@ -45,22 +46,34 @@ def test_client_env_and_redacted_database_url_hold_no_secret(monkeypatch, tmp_pa
     assert redact_url("sqlite:///x.db") == "sqlite:///x.db"
 
 
-def test_local_s3_without_keys_gets_the_local_dummy_keys_and_endpoint(monkeypatch, tmp_path):
+def test_local_s3_gets_the_stacks_generated_keys_and_endpoint(monkeypatch, tmp_path):
     _without_aws_keys(monkeypatch)
+    secrets = ensure_secrets(tmp_path)
     config = StackConfig(home=tmp_path, s3_port=9123)
     env = s3_credentials(config)
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (LOCAL_S3_KEY_ID, LOCAL_S3_SECRET)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (secrets.s3_key_id, secrets.s3_secret)
+    assert env["AWS_ACCESS_KEY_ID"].startswith("AKIA") and len(env["AWS_ACCESS_KEY_ID"]) == 20
+    assert len(env["AWS_SECRET_ACCESS_KEY"]) >= 40 and env["AWS_SECRET_ACCESS_KEY"] != "cafm-local-secret"
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9123"
     assert env["AWS_DEFAULT_REGION"] == "us-east-1" and env["AWS_EC2_METADATA_DISABLED"] == "true"
 
 
-def test_local_s3_keeps_the_callers_keys_and_region(monkeypatch, tmp_path):
+def test_local_s3_never_takes_the_callers_keys_or_session_but_keeps_the_region(monkeypatch, tmp_path):
     _without_aws_keys(monkeypatch)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mine")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "my-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "my-session")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    secrets = ensure_secrets(tmp_path)
     env = s3_credentials(StackConfig(home=tmp_path))
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_DEFAULT_REGION"]) == ("mine", "my-secret", "eu-west-1")
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (secrets.s3_key_id, secrets.s3_secret)
+    assert "my-secret" not in str(env) and "AWS_SESSION_TOKEN" not in env and env["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
+def test_local_s3_before_up_is_a_clear_error(monkeypatch, tmp_path):
+    _without_aws_keys(monkeypatch)
+    with pytest.raises(StackError, match=r"s3-keys does not exist yet: `python -m infra.stack up` makes it"):
+        s3_credentials(StackConfig(home=tmp_path))
 
 
 def test_real_endpoint_without_keys_is_a_clear_error(monkeypatch, tmp_path):
@@ -89,6 +102,13 @@ def test_environ_scope_restores_changed_and_removes_added_variables_even_on_erro
     assert os.environ["CAFM_TEST_KEPT"] == "before"
     assert "CAFM_TEST_ADDED" not in os.environ
 
+
+
+def test_environ_scope_unsets_variables_for_the_block_and_puts_them_back(monkeypatch):
+    monkeypatch.setenv("CAFM_TEST_SESSION", "a-token")
+    with environ_scope({"CAFM_TEST_KEPT": "inside"}, unset=("CAFM_TEST_SESSION",)):
+        assert "CAFM_TEST_SESSION" not in os.environ
+    assert os.environ["CAFM_TEST_SESSION"] == "a-token" and "CAFM_TEST_KEPT" not in os.environ
 
 def _infra_imports(module: Path) -> list[tuple[str, str]]:
     """(module, name) for every ``from infra.X import name`` in ``module``, at any depth."""
