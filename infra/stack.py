@@ -186,10 +186,10 @@ class Stack:
         per service, only the secrets it uses: S3 keys for S3, Ray, MLflow and the worker;
         Prefect's auth string for its server and its clients (the worker, the CLI); MLflow's
         auth configuration for its server and its login for the worker (the flows)."""
-        from tasks.offline import OFFLINE_DEFAULTS  # telemetry off in every service (lazy: importing sets os.environ)
+        from tasks.offline import OFFLINE_DEFAULTS, RAY_TRAIN_DEFAULTS  # telemetry off, Ray Train polling (lazy: importing sets os.environ)
 
         secrets = read_secrets(self.home)
-        env = {**OFFLINE_DEFAULTS, **{k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}}
+        env = {**OFFLINE_DEFAULTS, **RAY_TRAIN_DEFAULTS, **{k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
             env.pop(key, None)  # S3 credentials only where used (below); the caller's never reach the local stack
         if service in ("s3", "ray", "mlflow", "worker", *self.config.node_names):

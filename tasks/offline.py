@@ -1,6 +1,8 @@
-"""Keep the services' own telemetry off: this project sends traffic to loopback only.
+"""Environment defaults of every process of the project: the services' own telemetry off
+(this project sends traffic to loopback only) and Ray Train's polling interval.
 
-Imported first by ``tasks`` and ``flows``; only sets variables the user has not set.
+Imported first by ``tasks`` and ``flows`` (and so by ``infra``, whose services inherit them);
+only sets variables the user has not set.
 """
 
 import os
@@ -16,5 +18,14 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
-for _key, _value in OFFLINE_DEFAULTS.items():
+RAY_TRAIN_DEFAULTS = {
+    # Ray Train's controller polls its workers every 2 s by default, and a finished stage is
+    # only noticed at a poll: a stage's end took 4.6 s, 0.8 s at 0.5 s (bench/bench_pipeline.py).
+    # A worker whose poll hangs is still declared dead only after
+    # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes). Read by the processes of a Ray node:
+    # a local cluster's and the stack's nodes inherit it from the process that starts them.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+for _key, _value in {**OFFLINE_DEFAULTS, **RAY_TRAIN_DEFAULTS}.items():
     os.environ.setdefault(_key, _value)
