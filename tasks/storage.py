@@ -406,18 +406,8 @@ class Store:
         if self.is_s3:
             condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
 
-            def put() -> bool:
-                try:
-                    self.filesystem.pipe_file(path, data, **condition)
-                except (FileExistsError, FileNotFoundError):  # created meanwhile / gone meanwhile
-                    return False
-                except OSError as error:
-                    if _precondition_failed(error):
-                        return False
-                    raise
-                return True
-
-            return self._retry("write", url, put)
+            return self._retry("write", url, lambda: _conditionally(
+                lambda: self.filesystem.pipe_file(path, data, **condition)))
 
         def put_local() -> bool:
             with _local_lock(path):
@@ -439,18 +429,8 @@ class Store:
             bucket, _, key = path.partition("/")
             fs = self.filesystem
 
-            def delete() -> bool:
-                try:
-                    sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
-                except FileNotFoundError:
-                    return False
-                except OSError as error:
-                    if _precondition_failed(error):
-                        return False
-                    raise
-                return True
-
-            return self._retry("remove", url, delete)
+            return self._retry("remove", url, lambda: _conditionally(
+                lambda: sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)))
 
         def delete_local() -> bool:
             with _local_lock(path):
@@ -616,6 +596,20 @@ class Store:
 
 
 # ---- conditional-write helpers -------------------------------------------------------------
+
+
+def _conditionally(request) -> bool:
+    """Run an S3 conditional request: True when done, False when its condition no longer held
+    (the object was created, changed or removed meanwhile)."""
+    try:
+        request()
+    except (FileExistsError, FileNotFoundError):
+        return False
+    except OSError as error:
+        if _precondition_failed(error):
+            return False
+        raise
+    return True
 
 
 def _precondition_failed(error: BaseException) -> bool:
