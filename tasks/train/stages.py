@@ -21,13 +21,13 @@ from cafm_core.models import build_discriminator, build_generator, config_from_d
 from cafm_core.training import CAFMConfig, FlowMatchingConfig, adam, cafm_step, flow_matching_step
 from tasks.train.train_state import TrainState, optimizer_state_from_tensors, optimizer_state_to_tensors
 
-__all__ = ["CAFMStage", "FMStage", "Stage", "StageState", "build_stage", "copy_state"]
+__all__ = ["CAFMStage", "FMStage", "Stage", "StageState", "build_stage", "copy_state", "prepare_modules"]
 
 StageState = tuple[dict[str, dict[str, Tensor]], dict]
 """``(tensors per module / optimiser, JSON metadata)``: what a stage saves and loads."""
 
 
-def _prepare(accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
+def prepare_modules(accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
     """Accelerate's ``prepare``; a single process keeps its bare module: on CPU Accelerate wraps
     even one process in DDP, which would all-reduce every gradient with itself each step."""
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -104,7 +104,7 @@ class FMStage(Stage):
     def build(self, generator: nn.Module) -> None:
         cfg = self.config
         optimizer = adam(generator.parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-        self.generator_ddp, optimizer = _prepare(self.accelerator, generator, optimizer)
+        self.generator_ddp, optimizer = prepare_modules(self.accelerator, generator, optimizer)
         self.generator = self.accelerator.unwrap_model(self.generator_ddp)
         self.optimizers = {"generator": optimizer}
         # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal
@@ -127,10 +127,10 @@ class CAFMStage(Stage):
         g_opt = adam(generator.parameters(), cfg.generator_lr, cfg.betas)
         d_logits = DiscriminatorLogits(discriminator, mode=cfg.logit_mode)
         d_opt = adam(d_logits.parameters(), cfg.discriminator_lr, cfg.betas)
-        self.generator_ddp, g_opt = _prepare(self.accelerator, generator, g_opt)
+        self.generator_ddp, g_opt = prepare_modules(self.accelerator, generator, g_opt)
         # D steps go through DDP(DiscriminatorLogits) so discriminator gradients sync;
         # G steps use the unwrapped (frozen) discriminator, as generator_step expects.
-        self.d_logits_ddp, d_opt = _prepare(self.accelerator, d_logits, d_opt)
+        self.d_logits_ddp, d_opt = prepare_modules(self.accelerator, d_logits, d_opt)
         self.generator = self.accelerator.unwrap_model(self.generator_ddp)
         self.discriminator = self.accelerator.unwrap_model(self.d_logits_ddp).discriminator
         self.optimizers = {"generator": g_opt, "discriminator": d_opt}

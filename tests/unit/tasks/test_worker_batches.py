@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tasks.train.shards import IN_MEMORY_MAX_BYTES, holds_in_memory, in_memory_batches
-from tasks.train.stages import _prepare
+from tasks.train.stages import prepare_modules
 
 
 def test_in_memory_batches_are_full_epochs_of_the_rows_reshuffled_each_epoch():
@@ -70,10 +70,10 @@ def test_a_single_process_trains_without_a_ddp_wrapper():
 
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    prepared, same_optimizer = _prepare(OneProcess(), model, optimizer)
+    prepared, same_optimizer = prepare_modules(OneProcess(), model, optimizer)
     assert prepared is model and same_optimizer is optimizer
     OneProcess.num_processes = 2
-    assert isinstance(_prepare(OneProcess(), model, optimizer)[0], Wrapped)
+    assert isinstance(prepare_modules(OneProcess(), model, optimizer)[0], Wrapped)
 
 
 def test_read_rows_gives_each_worker_an_equal_interleaved_share_of_the_shards(tmp_path):
