@@ -24,7 +24,9 @@ from cafm_core.data import SYNTHETIC_DATASETS, Dataset
 from cafm_core.ema import EMA
 from cafm_core.features import class_accuracy, extract_features
 from cafm_core.metrics import (
+    frechet_distance,
     frechet_distance_from_features,
+    feature_statistics,
     kernel_inception_distance,
     mode_coverage,
     precision_recall,
@@ -33,6 +35,7 @@ from cafm_core.metrics import (
 from cafm_core.samplers import METHODS, generate
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+Statistics = tuple  # (mu [F], sigma [F, F]) of real features: FD's reference when the real features are a sample
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,18 @@ class SamplerSetting:
         return asdict(self)
 
 
-def _image_metrics(real_features, fake_features, *, kid_subset: int, seed: int) -> dict[str, float]:
+def _image_metrics(real_features, fake_features, *, kid_subset: int, seed: int,
+                   real_stats: Statistics | None = None) -> dict[str, float]:
     kid_mean, kid_std = kernel_inception_distance(
         real_features, fake_features, subset_size=kid_subset, num_subsets=50, seed=seed
     )
     precision, recall = precision_recall(real_features, fake_features, k=3)
+    if real_stats is None:
+        fd = frechet_distance_from_features(real_features, fake_features)
+    else:  # the real side's statistics come from more rows than ``real_features`` (all of a large set)
+        fd = frechet_distance(*real_stats, *feature_statistics(fake_features))
     return {
-        "fd": frechet_distance_from_features(real_features, fake_features),
+        "fd": fd,
         "kid": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
@@ -79,12 +87,17 @@ def _image_metrics(real_features, fake_features, *, kid_subset: int, seed: int) 
     }
 
 
-def image_metrics(real_features: torch.Tensor, fake_features: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+def image_metrics(real_features: torch.Tensor, fake_features: torch.Tensor, *, seed: int = 0,
+                  real_stats: Statistics | None = None) -> dict[str, float]:
     """FD, KID (subsets of up to 1000) and precision/recall between two feature sets: the
     image metrics of :func:`evaluate_samples`, for callers that extract features in batches
-    (memory then grows with the feature size, not the image size)."""
+    (memory then grows with the feature size, not the image size).
+
+    ``real_stats`` (``(mu, sigma)`` of the real features, e.g. a prepared dataset's reference
+    statistics over all its rows) replaces the real side of FD when ``real_features`` are only
+    a sample of the real data; KID and precision/recall always use ``real_features``."""
     kid_subset = min(1000, real_features.shape[0], fake_features.shape[0])
-    return _image_metrics(real_features, fake_features, kid_subset=kid_subset, seed=seed)
+    return _image_metrics(real_features, fake_features, kid_subset=kid_subset, seed=seed, real_stats=real_stats)
 
 
 def evaluate_samples(
@@ -96,8 +109,10 @@ def evaluate_samples(
     labels: torch.Tensor | None = None,
     real_features: torch.Tensor | None = None,
     seed: int = 0,
+    real_stats: Statistics | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``samples`` against ``dataset`` (see module docstring)."""
+    """Metrics of ``samples`` against ``dataset`` (see module docstring); ``real_stats``: FD's
+    real statistics when ``dataset`` is a sample of the real data (:func:`image_metrics`)."""
     if samples.shape[1:] != dataset.data.shape[1:]:
         raise CAFMInputError(
             f"samples have shape {tuple(samples.shape[1:])} per item, the dataset {tuple(dataset.data.shape[1:])}"
@@ -112,7 +127,7 @@ def evaluate_samples(
         raise CAFMInputError("image evaluation needs a feature extractor (e.g. the in-domain feature network)")
     if real_features is None:
         real_features = features(dataset.data)
-    result = image_metrics(real_features, features(samples), seed=seed)
+    result = image_metrics(real_features, features(samples), seed=seed, real_stats=real_stats)
     if classifier is not None and labels is not None:
         result["class_accuracy"] = class_accuracy(classifier, samples, labels)
     return result
@@ -158,8 +173,10 @@ def sample_for_evaluation(
 FLOOR_SPLITS = 10
 """Random splits the pipeline's noise floor is averaged over (its spread is their std)."""
 FLOOR_MAX_SAMPLES = 50_000
-"""The noise floor works from at most this many real samples (a random sample of larger
-sets): the default sample count of an image evaluation, so sizes match."""
+"""The most real samples an evaluation works from: the noise floor here (a random sample of
+larger sets), the real reference of a prepared dataset (``tasks.dataset_format.load_for_evaluation``)
+and the default sample count of an image evaluation (``cafm_core.protocol.DEFAULT_IMAGE_SAMPLES``),
+so that sizes match."""
 
 
 def noise_floor(
@@ -244,7 +261,8 @@ class TrainingCurve:
     by the weights. The metric is the in-domain Fréchet distance for images (``fd``) and the
     sliced Wasserstein distance for points; ``num_samples`` is kept small (a few hundred) so
     that a point costs seconds. Its values carry the small-sample bias of that count: compare
-    points of one curve with each other, not with the final evaluation's numbers.
+    points of one curve with each other, not with the final evaluation's numbers. With
+    ``real_stats`` (``dataset`` a sample of a larger set) FD's real side is those statistics.
     """
 
     def __init__(
@@ -256,6 +274,7 @@ class TrainingCurve:
         num_samples: int = 512,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        real_stats: Statistics | None = None,
     ) -> None:
         if not isinstance(num_samples, int) or num_samples < 16:
             raise CAFMInputError(f"curve num_samples must be an int >= 16, got {num_samples!r}")
@@ -266,6 +285,7 @@ class TrainingCurve:
         self._features = (lambda x: extract_features(feature_net, x)) if feature_net is not None else None
         # the dataset's features, computed once (callers may reuse them, e.g. for the noise floor)
         self.real_features = self._features(dataset.data) if self._features is not None and dataset.kind == "image" else None
+        self.real_stats = real_stats  # FD's real statistics when ``dataset`` is a sample of the real data
         self._ema_model: nn.Module | None = None
 
     def _value(self, model: nn.Module) -> float:
@@ -277,7 +297,8 @@ class TrainingCurve:
             )
         finally:
             model.train(was_training)
-        metrics = evaluate_samples(samples, self.dataset, features=self._features, real_features=self.real_features, seed=self.seed)
+        metrics = evaluate_samples(samples, self.dataset, features=self._features, real_features=self.real_features,
+                                   seed=self.seed, real_stats=self.real_stats)
         return float(metrics[self.metric])
 
     def __call__(self, model: nn.Module, ema: EMA | None = None) -> dict[str, float]:

@@ -27,7 +27,14 @@ from torch import nn
 
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import Dataset
-from cafm_core.evaluation import SamplerSetting, evaluate_samples, image_metrics, labels_in_proportion
+from cafm_core.evaluation import (
+    FLOOR_MAX_SAMPLES,
+    SamplerSetting,
+    Statistics,
+    evaluate_samples,
+    image_metrics,
+    labels_in_proportion,
+)
 from cafm_core.features import class_accuracy_from_features, extract_features
 from cafm_core.metrics import frechet_distance_from_features
 from cafm_core.models import config_from_dict
@@ -46,9 +53,10 @@ __all__ = [
 ]
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-DEFAULT_IMAGE_SAMPLES = 50_000
-"""Most samples per setting an image protocol draws unless told otherwise: the usual count
-for FID-style metrics (a dataset of a million images does not need a million samples)."""
+DEFAULT_IMAGE_SAMPLES = FLOOR_MAX_SAMPLES
+"""Most samples per setting an image protocol draws unless told otherwise (50,000): the usual
+count for FID-style metrics (a dataset of a million images does not need a million samples);
+the same bound as the real reference and the noise floor."""
 PICTURED_IMAGES = 50  # samples kept per image sample set for its picture
 PICTURED_POINTS = 5000  # points kept per low-dimensional sample set for its scatter plot
 
@@ -78,6 +86,12 @@ class EvaluationProtocol:
     feature network and the real data's statistics (None for low-dimensional sets).
     ``data_url`` says where the held set lives and is not part of the ``id``: a copy of the
     same set elsewhere is the same protocol.
+
+    ``reference_rows``: None when the metrics compare with every row of the held set; N when
+    the held set is larger than the evaluation's bound and they compare with a uniform random
+    sample of N of its rows (``tasks.dataset_format.load_for_evaluation``), FD against the
+    reference statistics of all rows. Left out of :meth:`to_dict` when None, so protocols of
+    sets within the bound keep their ids.
     """
 
     dataset: str
@@ -93,6 +107,7 @@ class EvaluationProtocol:
     seeds: tuple[int, ...]
     shard_size: int = 1024
     data_url: str | None = field(default=None, compare=False)
+    reference_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "points"):
@@ -105,6 +120,9 @@ class EvaluationProtocol:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CAFMInputError(f"protocol {name} must be a positive int, got {value!r}")
+        rows = self.reference_rows
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 2):
+            raise CAFMInputError(f"protocol reference_rows must be None or an int >= 2, got {rows!r}")
         if self.num_classes > 0 and self.class_counts is not None and len(self.class_counts) != self.num_classes:
             raise CAFMInputError(f"class_counts has {len(self.class_counts)} entries for {self.num_classes} classes")
 
@@ -115,6 +133,8 @@ class EvaluationProtocol:
         data["settings"] = [s.to_dict() for s in self.settings]
         data["sample_shape"], data["seeds"] = list(self.sample_shape), list(self.seeds)
         data["class_counts"] = list(self.class_counts) if self.class_counts is not None else None
+        if self.reference_rows is None:  # every row: the dict (and the id) of protocols before the bound
+            del data["reference_rows"]
         return data
 
     @classmethod
@@ -136,8 +156,9 @@ class EvaluationProtocol:
 
     def describe(self) -> str:
         settings = ", ".join(s.label for s in self.settings)
+        reference = "" if self.reference_rows is None else f", real reference: a sample of {self.reference_rows:,} rows"
         return (f"protocol {self.id}: held set {self.dataset_name} ({self.dataset[:12]}), {self.num_samples} samples "
-                f"per setting, seeds {list(self.seeds)}, {settings}")
+                f"per setting, seeds {list(self.seeds)}, {settings}{reference}")
 
     # ---- how samples are drawn ----------------------------------------------------------
 
@@ -235,16 +256,18 @@ class SampleScorer:
     memory grows with the feature size, not the image size; FD, KID, precision/recall
     against ``real_features``, the classifier's accuracy on the conditioning labels, and
     FID in Inception space when ``inception`` is given. Points: the samples are kept (a few
-    floats each) and scored at the end.
+    floats each) and scored at the end. ``real_stats`` (``(mu, sigma)``): FD's real side when
+    ``dataset`` and ``real_features`` are a sample of a larger real set (its statistics over
+    all rows); KID, precision/recall and Inception FID use the sample.
     """
 
     def __init__(self, dataset: Dataset, *, feature_net: nn.Module | None = None,
                  real_features: torch.Tensor | None = None, inception: FeatureFn | None = None,
-                 real_inception: torch.Tensor | None = None) -> None:
+                 real_inception: torch.Tensor | None = None, real_stats: Statistics | None = None) -> None:
         self.dataset, self.image = dataset, dataset.kind == "image"
         if self.image and (feature_net is None or real_features is None):
             raise CAFMInputError(f"{dataset.name} has no feature network: image samples cannot be evaluated")
-        self.feature_net, self.real_features = feature_net, real_features
+        self.feature_net, self.real_features, self.real_stats = feature_net, real_features, real_stats
         self.inception, self.real_inception = inception, real_inception
         self.features: list[torch.Tensor] = []
         self.inception_features: list[torch.Tensor] = []
@@ -273,7 +296,7 @@ class SampleScorer:
     def metrics(self, seed: int) -> dict[str, float]:
         if not self.image:
             return evaluate_samples(torch.cat(self.points), self.dataset, seed=seed)
-        result = image_metrics(self.real_features, torch.cat(self.features), seed=seed)
+        result = image_metrics(self.real_features, torch.cat(self.features), seed=seed, real_stats=self.real_stats)
         if self.labelled:
             result["class_accuracy"] = self.correct / self.labelled
         if self.inception is not None:
@@ -294,11 +317,13 @@ def evaluate_under(
     device: str | torch.device = "cpu",
     inception: FeatureFn | None = None,
     settings: Iterable[SamplerSetting] | None = None,
+    real_stats: Statistics | None = None,
 ) -> list[dict]:
     """Every model of ``models`` (name -> generator) under ``protocol``, in this process: one
     row per (model, setting, seed) with the metrics, the same numbers the pipeline's sample
     shards give. ``trained_on`` (name -> dataset identity) lets the protocol refuse a model
-    of another lineage; ``settings`` evaluates a subset of the protocol's settings."""
+    of another lineage; ``settings`` evaluates a subset of the protocol's settings;
+    ``real_stats``: FD's real statistics when ``dataset`` is a sample (:class:`SampleScorer`)."""
     if tuple(dataset.data.shape[1:]) != tuple(protocol.sample_shape):
         raise CAFMInputError(f"the dataset's samples have shape {tuple(dataset.data.shape[1:])}, the protocol's "
                              f"{tuple(protocol.sample_shape)}")
@@ -313,7 +338,8 @@ def evaluate_under(
         for setting in (list(settings) if settings is not None else protocol.settings):
             for seed in protocol.seeds:
                 scorer = SampleScorer(dataset, feature_net=feature_net, real_features=real_features,
-                                      inception=inception if image else None, real_inception=real_inception)
+                                      inception=inception if image else None, real_inception=real_inception,
+                                      real_stats=real_stats if image else None)
                 for draw in protocol.draws(setting, seed):
                     samples, draw_labels = draw_samples(model, protocol, setting, draw, labels=labels, device=device)
                     scorer.add(samples, draw_labels)

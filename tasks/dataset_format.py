@@ -15,7 +15,10 @@ the registry evaluation read it. Layout under a dataset URL::
 Readers verify the manifest against ``_COMPLETE.json`` and every shard and file against the
 manifest's sha256 before using them. Image pixels are stored as uint8 and read as float32
 ``u / 127.5 - 1`` in [-1, 1] (``cafm_core.data.uint8_to_images``); the Parquet type of ``x``
-decides, so float32 shards of older runs (manifest version 1) read as before.
+decides, so float32 shards of older runs (manifest version 1) read as before. The evaluation
+reads at most ``FLOOR_MAX_SAMPLES`` (50,000) rows, a seeded uniform sample of a larger set,
+one shard at a time (:func:`load_for_evaluation`); FD then uses the reference statistics of
+all rows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +35,7 @@ import pyarrow.parquet as pq
 
 from cafm_core.checks import CAFMInputError
 from cafm_core.data import Dataset, uint8_to_images
+from cafm_core.evaluation import FLOOR_MAX_SAMPLES
 from cafm_core.features import DigitFeatureNet
 from tasks.storage import IncompleteOutputError, Store, join_url
 
@@ -44,6 +50,9 @@ MANIFEST_VERSION = 2
 (unreadable files of an image folder). 1: float32 pixels, index 0..count-1."""
 READABLE_VERSIONS = (1, 2)
 POINTS_SAMPLE_COUNT = 10_000  # evaluation samples per setting for low-dimensional sets when none is given
+REFERENCE_SEED = 0
+"""Seed of the real reference's row sample when a prepared set is larger than the evaluation's
+bound: fixed, so that the sample is a function of the held set (part of its protocol)."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -257,31 +266,182 @@ def iter_shards(store: Store, data_url: str, manifest: dict | None = None, *, ra
 
 def load_prepared(store: Store, data_url: str) -> tuple[Dataset, dict]:
     """Rebuild the Dataset of a complete prepared output after verifying every shard's sha256
-    (the whole dataset in memory, as float32: for evaluation-sized sets)."""
+    (the whole dataset in memory, as float32: for small sets and tests; the evaluation reads a
+    bounded sample with :func:`load_for_evaluation`)."""
     manifest = read_manifest(store, data_url)
-    xs, label_parts, indices = [], [], []
-    for x, labels, index in iter_shards(store, data_url, manifest):
-        xs.append(x)
-        label_parts.append(labels)
-        indices.append(index)
-    index = np.concatenate(indices)
-    if len(index) != manifest["count"] or (len(index) and index[0] < 0) or np.any(np.diff(index) <= 0):
-        raise CAFMInputError(f"shards of {data_url} do not hold {manifest['count']} samples in order")
-    unlabelled = [labels is None for labels in label_parts]
-    if any(unlabelled) and not all(unlabelled):
-        raise CAFMInputError(f"shards of {data_url} mix labelled and unlabelled rows")
+    x, labels, _ = read_sample(store, data_url, manifest, size=manifest["count"])
+    return _as_dataset(x, labels, manifest), manifest
+
+
+def _as_dataset(x: np.ndarray, labels: np.ndarray | None, manifest: dict) -> Dataset:
     import torch
 
-    labels = None if all(unlabelled) else torch.from_numpy(np.concatenate(label_parts))
-    dataset = Dataset(
-        data=torch.from_numpy(np.concatenate(xs)),
-        labels=labels,
+    return Dataset(
+        data=torch.from_numpy(x),
+        labels=None if labels is None else torch.from_numpy(labels),
         num_classes=manifest["num_classes"],
         kind=manifest["kind"],
         class_names=list(manifest["class_names"]),
         name=manifest["name"],
     )
-    return dataset, manifest
+
+
+# ---- row samples, one shard at a time -----------------------------------------------------
+
+
+def sample_positions(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted row positions of a uniform random sample of ``min(size, count)`` of ``count``
+    rows, drawn with ``seed`` (every row when ``size >= count``)."""
+    if size >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+
+
+def sample_plan(shards: list[dict], positions: np.ndarray) -> list[dict]:
+    """Which rows of which shard a sample at ``positions`` (sorted row positions in the
+    dataset) takes: one item per shard that has any, ``{"order": the place of its first row
+    in the sample, "entry": the shard's manifest entry, "rows": positions within the shard}``."""
+    items, offset = [], 0
+    for entry in shards:
+        low, high = np.searchsorted(positions, [offset, offset + entry["rows"]])
+        if high > low:
+            items.append({"order": int(low), "entry": entry, "rows": (positions[low:high] - offset).tolist()})
+        offset += entry["rows"]
+    return items
+
+
+def pick_rows(item: dict, store: Store, data_url: str, sample_shape: tuple[int, ...], *, raw: bool = False) -> dict:
+    """One :func:`sample_plan` item read: the shard verified (its index strictly increasing),
+    then ``{"order", "x", "labels" (or None), "index"}`` of its rows ``item["rows"]``."""
+    x, labels, index = read_shard(store, data_url, item["entry"], sample_shape, raw=raw)
+    url = join_url(data_url, item["entry"]["path"])
+    if len(index) and (index[0] < 0 or np.any(np.diff(index) <= 0)):
+        raise CAFMInputError(f"shard {url}: the index is not strictly increasing from >= 0")
+    rows = np.asarray(item["rows"], dtype=np.int64)
+    return {"order": item["order"], "x": x[rows], "labels": None if labels is None else labels[rows],
+            "index": index[rows], "first": int(index[0]), "last": int(index[-1])}
+
+
+def read_sample(store: Store, data_url: str, manifest: dict, *, size: int, seed: int = REFERENCE_SEED,
+                raw: bool = False, parts: Callable[[list[dict]], Iterable[dict]] | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(x, labels or None, index)`` of a uniform random sample of ``min(size, count)`` rows
+    (:func:`sample_positions` with ``seed``; every row, in order, when ``size >= count``), in
+    dataset order. Only the shards holding sampled rows are read, each verified, and only
+    their sampled rows are kept: memory is the sample plus one shard. ``x`` is float32
+    (images in [-1, 1]); with ``raw`` as stored (uint8 pixels).
+
+    ``parts`` turns the plan's items into :func:`pick_rows` results in any order (the prepare
+    stage passes Ray tasks); by default they are read in this process, one shard at a time.
+    """
+    shards, count = manifest["shards"], manifest["count"]
+    if sum(entry["rows"] for entry in shards) != count:
+        raise CAFMInputError(f"the shards of {data_url} hold {sum(e['rows'] for e in shards)} rows; "
+                             f"the manifest says {count}")
+    sample_shape = tuple(manifest["sample_shape"])
+    positions = sample_positions(count, size, seed)
+    if not len(positions):
+        raise CAFMInputError(f"prepared dataset {data_url} has no rows")
+    plan = sample_plan(shards, positions)
+    if parts is None:
+        parts = lambda items: (pick_rows(item, store, data_url, sample_shape, raw=raw) for item in items)  # noqa: E731
+    x = labels = None
+    index = np.empty(len(positions), dtype=np.int64)
+    spans, labelled = [], set()
+    for part in parts(plan):
+        start, stop = part["order"], part["order"] + len(part["index"])
+        if x is None:
+            x = np.empty((len(positions), *sample_shape), dtype=part["x"].dtype)
+        elif part["x"].dtype != x.dtype:
+            raise CAFMInputError(f"shards of {data_url} mix pixel types ({x.dtype}, {part['x'].dtype})")
+        x[start:stop] = part["x"]
+        index[start:stop] = part["index"]
+        labelled.add(part["labels"] is not None)
+        if part["labels"] is not None:
+            labels = np.empty(len(positions), dtype=np.int64) if labels is None else labels
+            labels[start:stop] = part["labels"]
+        spans.append((start, part["first"], part["last"]))
+    if len(spans) != len(plan):
+        raise CAFMInputError(f"read {len(spans)} of the {len(plan)} shards of {data_url} the sample needs")
+    spans.sort()
+    if any(before[2] >= after[1] for before, after in zip(spans, spans[1:])):
+        raise CAFMInputError(f"shards of {data_url} do not hold {count} samples in order")
+    if len(labelled) > 1:
+        raise CAFMInputError(f"shards of {data_url} mix labelled and unlabelled rows")
+    return x, labels, index
+
+
+# ---- the real reference of an evaluation --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RealReference:
+    """What an evaluation compares generated samples with: ``dataset``, the real rows (every
+    row of a set within the bound, in order; else a seeded uniform sample of ``bound`` rows),
+    the in-domain ``feature_net`` (None for points or unlabelled data) and, when the rows are a
+    sample of image data, ``stats``: ``(mu, sigma)`` of the features of ALL rows (the prepared
+    reference statistics), FD's real side. KID, precision/recall, the noise floor and the
+    picture use the rows."""
+
+    dataset: Dataset
+    manifest: dict
+    feature_net: DigitFeatureNet | None
+    stats: tuple[np.ndarray, np.ndarray] | None
+    seed: int = REFERENCE_SEED
+
+    @property
+    def count(self) -> int:
+        """Rows in the prepared dataset."""
+        return int(self.manifest["count"])
+
+    @property
+    def rows(self) -> int:
+        """Rows in the reference."""
+        return int(self.dataset.data.shape[0])
+
+    @property
+    def sampled(self) -> bool:
+        return self.rows < self.count
+
+    def note(self) -> str:
+        """One sentence for a report (empty when the reference is every row)."""
+        if not self.sampled:
+            return ""
+        fd = ("FD against the statistics of all rows; KID, precision/recall, the noise floor and the picture from "
+              "the sample" if self.stats is not None else "every metric from the sample")
+        return (f"Real reference: {self.rows:,} of {self.count:,} rows (a uniform random sample, seed {self.seed}); "
+                f"{fd}.")
+
+
+def load_for_evaluation(store: Store, data_url: str, *, max_rows: int | None = None,
+                        seed: int = REFERENCE_SEED) -> RealReference:
+    """The real reference of a prepared dataset (:class:`RealReference`): at most ``max_rows``
+    rows (None: ``FLOOR_MAX_SAMPLES``, 50,000) read one shard at a time, with their labels and
+    the feature network; for a larger image set also the reference statistics of all rows.
+    Memory: the reference (50,000 x the sample size x 4 bytes at most) plus one shard."""
+    bound = FLOOR_MAX_SAMPLES if max_rows is None else max_rows
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 2:
+        raise CAFMInputError(f"max_rows must be an int >= 2, got {max_rows!r}")
+    manifest = read_manifest(store, data_url)
+    x, labels, _ = read_sample(store, data_url, manifest, size=bound, seed=seed)
+    dataset = _as_dataset(x, labels, manifest)
+    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
+    stats = load_reference_stats(store, data_url) if feature_net is not None and len(x) < manifest["count"] else None
+    return RealReference(dataset, manifest, feature_net, stats, seed)
+
+
+def load_for_protocol(store: Store, protocol, data_url: str | None = None) -> RealReference:
+    """:func:`load_for_evaluation` as ``protocol`` (``cafm_core.protocol.EvaluationProtocol``)
+    says: its ``reference_rows`` bound (None: the default). A protocol that claims every row
+    of a set the bound samples (made before the bound) is refused, not mislabelled."""
+    reference = load_for_evaluation(store, data_url or protocol.data_url, max_rows=protocol.reference_rows)
+    if (reference.rows if reference.sampled else None) != protocol.reference_rows:
+        raise CAFMInputError(
+            f"protocol {protocol.id} compares with "
+            f"{'all' if protocol.reference_rows is None else f'{protocol.reference_rows:,}'} real rows of "
+            f"{protocol.dataset_name}; the evaluation reads {reference.rows:,} of {reference.count:,}: build the "
+            "protocol again (tasks.dataset_format.evaluation_protocol)")
+    return reference
 
 
 def _require_feature_net(manifest: dict, data_url: str) -> None:
@@ -300,14 +460,6 @@ def load_feature_net(store: Store, data_url: str):
     model = DigitFeatureNet.from_config(config)
     load_state_dict_checked(model, tensors)
     return model.eval()
-
-
-def load_for_evaluation(store: Store, data_url: str) -> tuple[Dataset, dict, DigitFeatureNet | None]:
-    """The prepared dataset, its manifest and the in-domain feature network (None for
-    low-dimensional or unlabelled data, which are evaluated without one)."""
-    dataset, manifest = load_prepared(store, data_url)
-    feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
-    return dataset, manifest, feature_net
 
 
 def load_reference_stats(store: Store, data_url: str) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +494,9 @@ def evaluation_protocol(store: Store, data_url: str, *, settings, seeds, num_sam
     """The ``cafm_core.protocol.EvaluationProtocol`` of a prepared dataset as the held set:
     its identity, the hashes of its frozen feature network (the checkpoint's checksum marker)
     and reference statistics, and the sampling. ``num_samples`` defaults to min(dataset
-    size, 50,000) for images (``cafm_core.protocol.default_image_samples``) and 10,000 for points."""
+    size, 50,000) for images (``cafm_core.protocol.default_image_samples``) and 10,000 for points.
+    A set larger than ``FLOOR_MAX_SAMPLES`` is compared with a sample of that many rows
+    (``reference_rows``; :func:`load_for_evaluation`)."""
     from cafm_core.checkpoint import MARKER_FILE
     from cafm_core.protocol import EvaluationProtocol, default_image_samples
 
@@ -362,5 +516,6 @@ def evaluation_protocol(store: Store, data_url: str, *, settings, seeds, num_sam
         reference_stats=reference_stats, settings=tuple(settings),
         num_samples=num_samples or (default_image_samples(manifest["count"]) if image else POINTS_SAMPLE_COUNT),
         seeds=tuple(seeds), shard_size=shard_size, data_url=data_url,
+        reference_rows=FLOOR_MAX_SAMPLES if manifest["count"] > FLOOR_MAX_SAMPLES else None,
     )
 

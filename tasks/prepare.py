@@ -370,20 +370,11 @@ def _worker_peaks(records, previous: dict | None = None) -> dict[str, float]:
 # ---- feature network and reference statistics ---------------------------------------------
 
 
-def sample_positions(count: int, size: int, seed: int) -> np.ndarray:
-    """Sorted row positions of a uniform random sample of ``min(size, count)`` of ``count``
-    rows, drawn with ``seed`` (every row when ``size >= count``)."""
-    if size >= count:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
-
-
 def _pick_rows(item: dict, store: Store, out_url: str, sample_shape: tuple[int, ...]) -> dict:
-    """Rows ``item["rows"]`` (positions within the shard) of one shard, pixels as stored."""
-    x, labels, _ = dataset_format.read_shard(store, out_url, item["entry"], sample_shape, raw=True)
-    rows = np.asarray(item["rows"], dtype=np.int64)
-    return {"order": item["order"], "x": x[rows], "labels": labels[rows], "pid": os.getpid(),
-            "peak_rss_mb": peak_rss_mb()}
+    """One item of the sample's plan (``dataset_format.pick_rows``), pixels as stored, with the
+    process's id and peak memory."""
+    part = dataset_format.pick_rows(item, store, out_url, sample_shape, raw=True)
+    return {**part, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 
 def _shard_moments(item: dict, store: Store, out_url: str, sample_shape: tuple[int, ...], state: dict,
@@ -406,28 +397,22 @@ def _shard_moments(item: dict, store: Store, out_url: str, sample_shape: tuple[i
 def _feature_sample(store: Store, out_url: str, shards: list[dict], sample_shape: tuple[int, ...], *,
                     num_classes: int, class_names: list[str], size: int, seed: int, engine: str,
                     stats: dict) -> PixelImages:
-    """A uniform random sample of at most ``size`` rows (``seed``), read shard by shard and
+    """A uniform random sample of at most ``size`` rows (``seed``), read shard by shard
+    (``dataset_format.read_sample``, the evaluation's reader too; here one task per shard) and
     kept as uint8 pixels (the feature network makes float32 batches of them as it trains)."""
     import torch
 
-    count = sum(entry["rows"] for entry in shards)
-    positions = sample_positions(count, size, seed)
-    items, offset = [], 0
-    for order, entry in enumerate(shards):
-        low, high = np.searchsorted(positions, [offset, offset + entry["rows"]])
-        if high > low:
-            items.append({"order": int(low), "entry": entry, "rows": (positions[low:high] - offset).tolist()})
-        offset += entry["rows"]
-    pixels = np.empty((len(positions), *sample_shape), dtype=np.uint8)
-    labels = np.empty(len(positions), dtype=np.int64)
     workers = []
-    for part in _map(_pick_rows, items, engine, store=store, out_url=out_url, sample_shape=sample_shape):
-        start = part["order"]  # the part's first row in the sample
-        if part["x"].dtype != np.uint8:
-            raise CAFMInputError(f"shards of {out_url} do not hold uint8 pixels ({part['x'].dtype})")
-        pixels[start : start + len(part["x"])] = part["x"]
-        labels[start : start + len(part["x"])] = part["labels"]
-        workers.append({"pid": part["pid"], "peak_rss_mb": part["peak_rss_mb"]})
+
+    def parts(items: list[dict]):
+        for part in _map(_pick_rows, items, engine, store=store, out_url=out_url, sample_shape=sample_shape):
+            workers.append({"pid": part["pid"], "peak_rss_mb": part["peak_rss_mb"]})
+            yield part
+
+    layout = {"shards": shards, "count": sum(entry["rows"] for entry in shards), "sample_shape": list(sample_shape)}
+    pixels, labels, _ = dataset_format.read_sample(store, out_url, layout, size=size, seed=seed, raw=True, parts=parts)
+    if pixels.dtype != np.uint8 or labels is None:
+        raise CAFMInputError(f"shards of {out_url} do not hold labelled uint8 pixels ({pixels.dtype})")
     stats["workers"] = _worker_peaks(workers, stats.get("workers"))
     return PixelImages(torch.from_numpy(pixels), torch.from_numpy(labels), num_classes, list(class_names),
                        name="feature sample")

@@ -25,7 +25,7 @@ from prefect.cache_policies import NONE
 from cafm_core.checkpoint import load_checkpoint, model_from_checkpoint
 from cafm_core.evaluation import IMAGE_METRICS, POINT_METRICS, summarise_over_seeds
 from cafm_core.protocol import EvaluationProtocol, evaluate_under
-from tasks.dataset_format import load_for_evaluation
+from tasks.dataset_format import load_for_protocol
 from tasks.storage import Store
 from tasks.tracking import DATASET_TAG, PROTOCOL_TAG, Tracker
 
@@ -133,9 +133,9 @@ def evaluate_version(tracker: Tracker, protocol: EvaluationProtocol, model_name:
     if found is not None:
         return VersionEvaluation(version, found.info.run_id, _headline(found), reused=True)
     generator, trained_on = load_registered_generator(tracker.client, model_name, version)
-    dataset, _, feature_net = load_for_evaluation(Store(protocol.data_url), protocol.data_url)
-    rows = evaluate_under(protocol, {f"v{version}": generator}, dataset, feature_net=feature_net,
-                          trained_on={f"v{version}": trained_on})
+    reference = load_for_protocol(Store(protocol.data_url), protocol)  # at most 50,000 real rows
+    rows = evaluate_under(protocol, {f"v{version}": generator}, reference.dataset, feature_net=reference.feature_net,
+                          trained_on={f"v{version}": trained_on}, real_stats=reference.stats)
     return record_version_evaluation(tracker, protocol, model_name, version, rows, parent_run_id=parent_run_id)
 
 

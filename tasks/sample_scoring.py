@@ -4,7 +4,9 @@ protocol, with the noise floor.
 Reads the sample shards one at a time into ``cafm_core.protocol.SampleScorer`` (the scorer
 every evaluation path uses: in-domain features from the preparation stage; Inception where
 a local weights file is given), and writes ``report.md``, ``metrics.json`` (with the
-protocol and its id) and ``samples.png`` to storage.
+protocol and its id) and ``samples.png`` to storage. The real side is the prepared set's
+real reference (``tasks.dataset_format.load_for_protocol``): every row of a set of up to
+50,000, else a seeded sample of 50,000 rows with FD against the statistics of all rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import io
 import torch
 
 from cafm_core.evaluation import (
-    FLOOR_MAX_SAMPLES,
     FLOOR_SPLITS,
     IMAGE_METRICS,
     POINT_METRICS,
@@ -27,11 +28,11 @@ from cafm_core.evaluation import (
 from cafm_core.features import extract_features, load_inception_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from cafm_core.protocol import EvaluationProtocol, SampleScorer, sample_count_note
-from tasks.dataset_format import load_for_evaluation
+from tasks.dataset_format import RealReference, load_for_protocol
 from tasks.sampling import read_samples, sample_set_key
 from tasks.storage import Store
 
-__all__ = ["headline", "score_sample_set", "score_samples"]
+__all__ = ["headline", "reference_floor", "score_sample_set", "score_samples"]
 
 
 def score_sample_set(store: Store, shard_urls: list[str], scorer: SampleScorer) -> SampleScorer:
@@ -40,6 +41,17 @@ def score_sample_set(store: Store, shard_urls: list[str], scorer: SampleScorer) 
         samples, labels = read_samples(store, [url])
         scorer.add(samples, labels, where=f"samples in {url}")
     return scorer
+
+
+def reference_floor(reference: RealReference, *, real_features: torch.Tensor | None, seed: int) -> dict:
+    """The real-vs-real noise floor (``FLOOR_SPLITS`` splits) within the real reference's rows;
+    each floor records ``samples`` when those rows are a sample of the set."""
+    floor = noise_floor(reference.dataset, feature_net=reference.feature_net, real_features=real_features, seed=seed,
+                        splits=FLOOR_SPLITS)
+    if reference.sampled:
+        for values in floor.values():
+            values["samples"] = reference.rows
+    return floor
 
 
 def score_samples(
@@ -55,9 +67,11 @@ def score_samples(
 
     With ``inception_weights`` (a local TorchScript Inception-v3 file) each image row also
     gets ``fid_inception``, the standard FID feature space. Image samples are read one shard
-    at a time (see ``bench/bench_memory.py`` for peak memory against the sample count).
+    at a time (see ``bench/bench_memory.py`` for peak memory against the sample count); the
+    real reference holds at most 50,000 rows (``tasks.dataset_format.load_for_evaluation``).
     """
-    dataset, manifest, feature_net = load_for_evaluation(store, protocol.data_url)
+    reference = load_for_protocol(store, protocol)
+    dataset, manifest, feature_net = reference.dataset, reference.manifest, reference.feature_net
     image = dataset.kind == "image"
     real_features = extract_features(feature_net, dataset.data) if image and feature_net is not None else None
     inception = load_inception_features(inception_weights) if inception_weights and image else None
@@ -72,14 +86,14 @@ def score_samples(
         for setting in settings:
             for seed in seeds:
                 scorer = SampleScorer(dataset, feature_net=feature_net, real_features=real_features,
-                                      inception=inception, real_inception=real_inception)
+                                      inception=inception, real_inception=real_inception, real_stats=reference.stats)
                 score_sample_set(store, sample_layout[sample_set_key(model, setting, seed)], scorer)
                 if setting == last and seed == seeds[0]:
                     pictured[model] = scorer.first_samples()
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **scorer.metrics(seed)})
     keys = IMAGE_METRICS if image else POINT_METRICS
     summary = summarise_over_seeds(rows, keys)
-    floor = noise_floor(dataset, feature_net=feature_net, real_features=real_features, seed=seeds[0], splits=FLOOR_SPLITS)
+    floor = reference_floor(reference, real_features=real_features, seed=seeds[0])
     table = format_table(summary, floor, keys)
     headline_keys = ("fd", "kid", "class_accuracy") if image else ("sliced_wasserstein", "off_manifold_fraction")
     differences = [d for key in headline_keys for d in paired_differences(rows, key)] if "cafm" in models else []
@@ -101,13 +115,17 @@ def score_samples(
         f"Evaluation protocol `{protocol.id}` (held set {protocol.dataset_name} `{protocol.dataset[:12]}`): "
         f"numbers under another protocol id are not comparable. {sample_count_note(protocol, manifest['count'])}\n"
     )
-    if len(dataset) > FLOOR_MAX_SAMPLES:
-        report += (f"\nThe noise floor compares real with real images within a random sample of {FLOOR_MAX_SAMPLES:,} "
-                   f"of the {len(dataset):,}.\n")
+    if reference.sampled:
+        report += f"\n{reference.note()}"
+        if inception is not None:
+            report += " Inception FID compares with the sample's Inception features."
+        report += "\n"
     if differences:
         report += f"\nPaired by seed (same noise and labels; lower is better except class_accuracy):\n\n{format_differences(differences, floor=floor)}\n"
     result = {"rows": rows, "summary": summary, "noise_floor": floor, "table": table, "differences": differences,
-              "protocol_id": protocol.id, "protocol": protocol.to_dict()}
+              "protocol_id": protocol.id, "protocol": protocol.to_dict(),
+              "real_reference": {"rows": reference.rows, "of": reference.count, "sampled": reference.sampled,
+                                 "seed": reference.seed, "fd_from_reference_stats": reference.stats is not None}}
     store.write_bytes(Store.join(out_url, "samples.png"), picture.getvalue())
     store.write_json(Store.join(out_url, "metrics.json"), result)
     store.write_bytes(Store.join(out_url, "report.md"), report.encode())

@@ -19,6 +19,11 @@ small enough that a trial per CPU beats data parallelism), and:
 The FM generator is evaluated once at the same settings, so every trial's table row sits
 beside the baseline and the noise floor. Trials read their inputs from storage, so they
 run on any node of a cluster that reaches it.
+
+The real data of the driver and of every trial is the prepared set's real reference
+(``tasks.dataset_format.load_for_protocol``): every row of a set of up to 50,000 rows, else a
+seeded uniform sample of 50,000 (FD against the statistics of all rows). Trials post-train on
+those rows too: a sweep over a larger set trains on that sample, not on every row.
 """
 
 from __future__ import annotations
@@ -39,13 +44,12 @@ from cafm_core.evaluation import (
     POINT_METRICS,
     SamplerSetting,
     TrainingCurve,
-    FLOOR_SPLITS,
-    noise_floor,
 )
 from cafm_core.models import discriminator_from_generator
 from cafm_core.protocol import EvaluationProtocol, evaluate_under
 from cafm_core.training import DivergenceGuard, infinite_batches, train_cafm
-from tasks.dataset_format import load_for_evaluation
+from tasks.dataset_format import load_for_protocol
+from tasks.sample_scoring import reference_floor
 from tasks.storage import Store
 from tasks.arrow_storage import ray_storage
 from tasks.train.configs import train_config
@@ -85,15 +89,16 @@ def _trial(config: dict, *, spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(trial["config"]["seed"])  # the discriminator head's initialisation
     store = Store(spec["store_root"])
-    dataset, _, feature_net = load_for_evaluation(store, spec["data_url"])
+    protocol = EvaluationProtocol.from_dict(spec["protocol"])
+    reference = load_for_protocol(store, protocol, spec["data_url"])
+    dataset, feature_net = reference.dataset, reference.feature_net
     tensors, model_config, metadata = store.read_checkpoint(spec["fm_url"])
     generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=True)
     discriminator = discriminator_from_generator(generator)
     point = trial["point"]
     cfg = train_config("cafm", {**trial["config"], "log_every": 1})  # the callback picks the rows it reports
-    protocol = EvaluationProtocol.from_dict(spec["protocol"])
     curve = TrainingCurve(dataset, SamplerSetting(**spec["curve_setting"]), feature_net=feature_net,
-                          num_samples=spec["curve_samples"], seed=protocol.seeds[0])
+                          num_samples=spec["curve_samples"], seed=protocol.seeds[0], real_stats=reference.stats)
     ema = EMA(generator, cfg.ema_decay, warmup=cfg.ema_warmup)
     labels = dataset.labels if getattr(generator, "null_class", None) is not None else None
     batches = infinite_batches(dataset.data, labels, cfg.batch_size, seed=cfg.seed)
@@ -122,7 +127,8 @@ def _trial(config: dict, *, spec: dict) -> None:
         tune.report({"step": step, "final": 1.0, "diverged_at_step": step, "seconds": time.perf_counter() - started})
         return
     ema.copy_to(generator)
-    rows = evaluate_generator(protocol, generator, dataset, feature_net, metadata.get("dataset"))
+    rows = evaluate_generator(protocol, generator, dataset, feature_net, metadata.get("dataset"),
+                              real_stats=reference.stats)
     model_url = Store.join(spec["out_url"], "trials", trial["name"], "model")
     lineage = {k: metadata[k] for k in ("dataset", "dataset_name") if k in metadata}
     model_tensors, saved_config, saved_meta = model_to_tensors(
@@ -168,15 +174,17 @@ def run_sweep(
             raise ValueError(f"trial {trial['name']}: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: no generator step")
     if not isinstance(curve_every, int) or curve_every < 1:
         raise ValueError(f"curve_every must be an int >= 1, got {curve_every!r}")
-    dataset, manifest, feature_net = load_for_evaluation(store, data_url)
+    reference = load_for_protocol(store, protocol, data_url)
+    dataset, manifest, feature_net = reference.dataset, reference.manifest, reference.feature_net
     tensors, model_config, metadata = store.read_checkpoint(fm_url)
     fm_generator = model_from_checkpoint(tensors, model_config, metadata, use_ema=False)
-    fm_rows = evaluate_generator(protocol, fm_generator, dataset, feature_net, metadata.get("dataset"))
+    fm_rows = evaluate_generator(protocol, fm_generator, dataset, feature_net, metadata.get("dataset"),
+                                 real_stats=reference.stats)
     seeds = list(protocol.seeds)
-    curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0])
+    curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0],
+                          real_stats=reference.stats)
     fm_curve = curve(fm_generator)
-    floor = noise_floor(dataset, feature_net=feature_net, real_features=curve.real_features, seed=seeds[0],
-                        splits=FLOOR_SPLITS)
+    floor = reference_floor(reference, real_features=curve.real_features, seed=seeds[0])
 
     spec = {
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,
@@ -221,14 +229,17 @@ def run_sweep(
         outcomes.append(entry)
     outcomes.sort(key=lambda t: t["name"])
     return {"trials": outcomes, "fm_rows": fm_rows, "fm_curve": fm_curve, "seconds": seconds, "noise_floor": floor,
-            "dataset": manifest["name"], "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS}
+            "dataset": manifest["name"], "metrics": IMAGE_METRICS if dataset.kind == "image" else POINT_METRICS,
+            "real_reference": reference.note()}
 
 
-def evaluate_generator(protocol: EvaluationProtocol, generator, dataset, feature_net, trained_on: str | None) -> list[dict]:
+def evaluate_generator(protocol: EvaluationProtocol, generator, dataset, feature_net, trained_on: str | None, *,
+                       real_stats=None) -> list[dict]:
     """A generator's rows under the protocol (what each trial and the FM baseline report): the
-    numbers the pipeline's sample shards give the same generator."""
+    numbers the pipeline's sample shards give the same generator. ``dataset`` is the real
+    reference's rows, ``real_stats`` its all-row statistics when they are a sample."""
     rows = evaluate_under(protocol, {"model": generator}, dataset, feature_net=feature_net,
-                          trained_on={"model": trained_on})
+                          trained_on={"model": trained_on}, real_stats=real_stats)
     return [{k: v for k, v in row.items() if k != "model"} for row in rows]
 
 

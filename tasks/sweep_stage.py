@@ -91,6 +91,8 @@ def sweep_task(folder: StageFolder, data: dict, fm: dict | None, trials: list[di
         f"model; evaluation protocol `{protocol.id}` (the pipeline's numbers under the same id compare one to one). "
         f"Sweep time {result['seconds']:.0f}s.\n"
     )
+    if result.get("real_reference"):
+        report += f"\n{result['real_reference']} Trials post-trained on the sampled rows.\n"
     picture = io.BytesIO()
     training_curves({t["name"].split("-")[0]: t["curve"] for t in result["trials"]}, metric, picture,
                     reference=result["fm_curve"][f"{metric}_model"])

@@ -221,14 +221,16 @@ def _gather(item: dict, world_size: int) -> list[dict]:
 
 
 def _training_curve(spec: dict, device: torch.device):
-    """Rank 0's diagnostic curve (``cafm_core.evaluation.TrainingCurve``) on the prepared data."""
+    """Rank 0's diagnostic curve (``cafm_core.evaluation.TrainingCurve``) against the prepared
+    data's real reference (at most 50,000 rows; FD against all rows' statistics beyond)."""
     from cafm_core.evaluation import SamplerSetting, TrainingCurve
     from tasks.dataset_format import load_for_evaluation
     from tasks.storage import Store
 
-    dataset, _, feature_net = load_for_evaluation(Store(spec["store_root"]), spec["data_url"])
-    return TrainingCurve(dataset, SamplerSetting(spec["method"], spec["nfe"], 1.0), feature_net=feature_net,
-                         num_samples=spec["num_samples"], seed=spec["seed"], device=device)
+    reference = load_for_evaluation(Store(spec["store_root"]), spec["data_url"])
+    return TrainingCurve(reference.dataset, SamplerSetting(spec["method"], spec["nfe"], 1.0),
+                         feature_net=reference.feature_net, num_samples=spec["num_samples"], seed=spec["seed"],
+                         device=device, real_stats=reference.stats)
 
 
 def _all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -62,7 +62,8 @@ def _pipeline_rows(store: Store, protocol) -> list[dict]:
 def test_the_pipelines_and_the_sweeps_evaluation_give_the_same_numbers(prepared, one_torch_thread):
     store, generator, manifest = prepared
     protocol = _protocol(store)
-    dataset, _, feature_net = load_for_evaluation(store, store.url("data"))
+    reference = load_for_evaluation(store, store.url("data"))
+    dataset, feature_net = reference.dataset, reference.feature_net
     sweep = evaluate_generator(protocol, generator, dataset, feature_net, trained_on=dataset_identity(manifest))
     pipeline = _pipeline_rows(store, protocol)
     assert len(sweep) == len(pipeline) == 4  # 2 settings x 2 seeds
@@ -93,7 +94,8 @@ def test_every_number_belongs_to_its_protocol(prepared):
 def test_a_generator_of_other_data_is_refused_not_scored(prepared):
     store, _, manifest = prepared
     protocol = _protocol(store)
-    dataset, _, feature_net = load_for_evaluation(store, store.url("data"))
+    reference = load_for_evaluation(store, store.url("data"))
+    dataset, feature_net = reference.dataset, reference.feature_net
     other = build_generator(dit_config("tiny", image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1,
                                        num_heads=2, num_classes=10))
     with pytest.raises(CAFMInputError, match="trained on dataset .* another lineage"):
@@ -113,7 +115,8 @@ def test_a_guided_evaluation_row_exists_beside_the_unguided_one_and_differs(prep
 
     store, generator, manifest = prepared
     protocol = _protocol(store, settings=[SamplerSetting("euler", 2), SamplerSetting("euler", 2, 1.5)], seeds=[0])
-    dataset, _, feature_net = load_for_evaluation(store, store.url("data"))
+    reference = load_for_evaluation(store, store.url("data"))
+    dataset, feature_net = reference.dataset, reference.feature_net
     rows = evaluate_generator(protocol, generator, dataset, feature_net, trained_on=dataset_identity(manifest))
     unguided, guided = rows
     assert (unguided["cfg_scale"], guided["cfg_scale"]) == (1.0, 1.5)

@@ -18,9 +18,9 @@ from cafm_core.features import extract_features
 from cafm_core.metrics import FeatureMoments, feature_statistics
 from tasks import image_shards
 from tasks import prepare as prepare_module
-from tasks.dataset_format import load_feature_net, load_prepared, load_reference_stats, read_manifest
+from tasks.dataset_format import load_feature_net, load_prepared, load_reference_stats, read_manifest, sample_positions
 from tasks.image_shards import done_path
-from tasks.prepare import prepare_dataset, sample_positions
+from tasks.prepare import prepare_dataset
 from tasks.storage import Store, join_url
 
 FEATURE_STEPS = 20

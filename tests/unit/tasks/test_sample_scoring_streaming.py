@@ -20,7 +20,8 @@ def test_streamed_image_metrics_equal_the_in_memory_ones(tmp_path):
     store = Store(str(tmp_path))
     data_url = store.url("digits")
     prepare_dataset("digits", store, data_url, feature_steps=20)
-    dataset, _, feature_net = load_for_evaluation(store, data_url)
+    reference = load_for_evaluation(store, data_url)
+    dataset, feature_net = reference.dataset, reference.feature_net
     generator = torch.Generator().manual_seed(0)
     samples = (dataset.data[:300] + 0.3 * torch.randn(300, *dataset.data.shape[1:], generator=generator)).clamp(-1, 1)
     labels = dataset.labels[:300]
