@@ -63,7 +63,7 @@ class ModelParams(_Params):
 # with its reason; nothing else in the project restates a training default.
 MAIN_JOB_DIFFERENCES: dict[str, dict[str, object]] = {
     "fm": {
-        "steps": 2000,  # the FM generator of the ~14-minute main job (core: 3000)
+        "steps": 2000,  # the FM generator of the main job (about 5 minutes in all on 2 cores; core: 3000)
     },
     "cafm": {
         "steps": 1000,  # post-training of the main job: 160 generator updates (core: 2000)
