@@ -15,7 +15,7 @@ import ray
 from tasks.validation import check_int
 
 __all__ = ["ClusterTooSmall", "CodeMismatch", "check_nodes_code", "ensure_ray", "placements",
-           "quiet_worker_logs", "start_cluster", "wait_for_capacity", "worker_cpus"]
+           "quiet_worker_logs", "start_cluster", "wait_for_capacity", "worker_cpus", "worker_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ def worker_cpus(num_workers: int, cpus_per_worker: int | None) -> int:
     if os.environ.get("RAY_ADDRESS"):
         return 1
     return max(1, (os.cpu_count() or 1) // num_workers)
+
+
+def worker_resources(cpus_per_worker: int, use_gpu: bool) -> str:
+    """What one training worker asks of the cluster, in words (for error messages)."""
+    return f"{cpus_per_worker} CPU(s){' and 1 GPU' if use_gpu else ''}"
 
 
 class ClusterTooSmall(RuntimeError):
@@ -132,7 +137,7 @@ def wait_for_capacity(num_workers: int, cpus_per_worker: int, use_gpu: bool, tim
     announced = False
     while (fits := placements(num_workers, cpus_per_worker, use_gpu)) < num_workers:
         if time.monotonic() >= deadline:
-            each = f"{cpus_per_worker} CPU(s){' and 1 GPU' if use_gpu else ''}"
+            each = worker_resources(cpus_per_worker, use_gpu)
             nodes = ", ".join(f"{n['NodeID'][:8]} (CPU={n['Resources'].get('CPU', 0):g}, GPU={n['Resources'].get('GPU', 0):g})"
                               for n in ray.nodes() if n.get("Alive")) or "none"
             advice = "add nodes with those resources, or ask for fewer workers or CPUs per worker"

@@ -43,7 +43,7 @@ from cafm_core.checkpoint import (
 from cafm_core.models import build_discriminator, build_generator, config_from_dict
 from tasks.arrow_storage import ray_storage
 from tasks.code_version import code_identity
-from tasks.ray_cluster import ClusterTooSmall, start_cluster, worker_cpus
+from tasks.ray_cluster import ClusterTooSmall, start_cluster, worker_cpus, worker_resources
 from tasks.train.configs import MIXED_PRECISION_MODES, divergence_guard, json_config, train_config
 from tasks.train.shards import holds_in_memory, inspect_shards, read_shards
 from tasks.train.train_state import TRAIN_STATE_FORMAT, RunCheckpoints, load_ray_checkpoint, verified_state
@@ -288,8 +288,8 @@ def _run(
         if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
         raise ClusterTooSmall(
-            f"Ray Train run {run_name!r}: the cluster could not place {num_workers} workers ({cpus} CPU(s)"
-            f"{' and 1 GPU' if use_gpu else ''} each, placement {placement_strategy}) in {PLACEMENT_RETRIES + 1} "
+            f"Ray Train run {run_name!r}: the cluster could not place {num_workers} workers ({worker_resources(cpus, use_gpu)}"
+            f" each, placement {placement_strategy}) in {PLACEMENT_RETRIES + 1} "
             f"attempts (a node lost, or its resources taken); resume the run once the cluster has room"
         ) from exc
     seconds = time.perf_counter() - started
