@@ -388,6 +388,7 @@ class RealReference:
     feature_net: DigitFeatureNet | None
     stats: tuple[np.ndarray, np.ndarray] | None
     seed: int = REFERENCE_SEED
+    data_url: str | None = None  # the prepared dataset's folder (where its noise floors are kept)
 
     @property
     def count(self) -> int:
@@ -427,7 +428,7 @@ def load_for_evaluation(store: Store, data_url: str, *, max_rows: int | None = N
     dataset = _as_dataset(x, labels, manifest)
     feature_net = load_feature_net(store, data_url) if dataset.kind == "image" and dataset.labels is not None else None
     stats = load_reference_stats(store, data_url) if feature_net is not None and len(x) < manifest["count"] else None
-    return RealReference(dataset, manifest, feature_net, stats, seed)
+    return RealReference(dataset, manifest, feature_net, stats, seed, data_url)
 
 
 def load_for_protocol(store: Store, protocol, data_url: str | None = None) -> RealReference:

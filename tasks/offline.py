@@ -1,5 +1,5 @@
 """Environment defaults of every process of the project: the services' own telemetry off
-(this project sends traffic to loopback only) and Ray Train's polling interval.
+(this project sends traffic to loopback only), Ray Train's polling interval and preemption watcher.
 
 Imported first by ``tasks`` and ``flows`` (and so by ``infra``, whose services inherit them);
 only sets variables the user has not set.
@@ -25,6 +25,11 @@ RAY_TRAIN_DEFAULTS = {
     # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes). Read by the processes of a Ray node:
     # a local cluster's and the stack's nodes inherit it from the process that starts them.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train 2.60 starts a PreemptionWatcher actor per run to poll the nodes for spot-instance
+    # preemption notices: a new process (~1 s of CPU on 2 cores while the workers set up) on the
+    # clusters this project starts (one machine, nothing to preempt). A cloud cluster's nodes,
+    # started by its operators, keep Ray's default (on) unless they set this too.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 for _key, _value in {**OFFLINE_DEFAULTS, **RAY_TRAIN_DEFAULTS}.items():

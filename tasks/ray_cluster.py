@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -30,14 +31,24 @@ def quiet_worker_logs() -> None:
     logging.getLogger(_NOISY_LOGGER).setLevel(logging.ERROR)
 
 
+# Ray replaces 127.0.0.1 (and "localhost") given as a node's address by this machine's
+# outward address (its route to the internet, e.g. eth0's), which its processes then advertise
+# and connect to, and which Ray Train hands to torch as the workers' rendezvous address. Any
+# other 127.x.x.x is kept as given and on Linux is loopback too (lo holds all of 127/8);
+# elsewhere Ray keeps 127.0.0.1 for a single-machine cluster.
+LOCAL_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; no-op if initialised.
 
     No credential travels in Ray's job config (``runtime_env``, which Ray writes to its
     logs): a local cluster's workers inherit this process's ``AWS_*`` variables (the raylet
     is its child), and the nodes of a joined cluster hold their own (docs/multinode.md). A
-    local cluster advertises 127.0.0.1, has no dashboard and no usage-stats reporting;
-    other hosts are kept out by Ray's token authentication (docs/ray.md).
+    local cluster advertises a loopback address (:data:`LOCAL_NODE_IP`), so Ray's own traffic
+    and the training workers' process-group rendezvous stay on loopback; it has no dashboard
+    and no usage-stats reporting; other hosts are kept out by Ray's token authentication
+    (docs/ray.md).
     """
     if ray.is_initialized():
         return
@@ -48,7 +59,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": runtime_env}
     if address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP)
     ray.init(address=address, **kwargs)
 
 

@@ -11,7 +11,10 @@ real reference (``tasks.dataset_format.load_for_protocol``): every row of a set 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 
 import torch
 
@@ -28,11 +31,16 @@ from cafm_core.evaluation import (
 from cafm_core.features import extract_features, load_inception_features
 from cafm_core.plots import image_grid, labelled_grids, scatter_panels
 from cafm_core.protocol import EvaluationProtocol, SampleScorer, sample_count_note
-from tasks.dataset_format import RealReference, load_for_protocol
+from tasks.code_version import code_identity
+from tasks.dataset_format import RealReference, dataset_identity, load_for_protocol
 from tasks.sampling import read_samples, sample_set_key
-from tasks.storage import Store
+from tasks.storage import Store, StorageError
 
-__all__ = ["headline", "reference_floor", "score_sample_set", "score_samples"]
+logger = logging.getLogger(__name__)
+
+FLOORS_FOLDER = "floors"
+
+__all__ = ["floor_key", "headline", "reference_floor", "score_sample_set", "score_samples"]
 
 
 def score_sample_set(store: Store, shard_urls: list[str], scorer: SampleScorer) -> SampleScorer:
@@ -43,14 +51,48 @@ def score_sample_set(store: Store, shard_urls: list[str], scorer: SampleScorer) 
     return scorer
 
 
-def reference_floor(reference: RealReference, *, real_features: torch.Tensor | None, seed: int) -> dict:
+def floor_key(reference: RealReference, seed: int) -> dict:
+    """What a noise floor depends on: the held set's content, the reference rows (count and
+    sampling seed), the floor's seed and splits, and the code that computes it (its digest:
+    any change to the code computes the floor anew)."""
+    return {"dataset": dataset_identity(reference.manifest), "rows": reference.rows, "reference_seed": reference.seed,
+            "seed": seed, "splits": FLOOR_SPLITS, "code": code_identity()["digest"]}
+
+
+def reference_floor(reference: RealReference, *, real_features: torch.Tensor | None, seed: int,
+                    store: Store | None = None) -> dict:
     """The real-vs-real noise floor (``FLOOR_SPLITS`` splits) within the real reference's rows;
-    each floor records ``samples`` when those rows are a sample of the set."""
+    each floor records ``samples`` when those rows are a sample of the set.
+
+    With ``store`` the floor is kept beside the prepared dataset
+    (``<data>/floors/<key hash>.json``, :func:`floor_key`) and read back by every later
+    evaluation of the same reference (10 s of KID subsets on digits): it is a function of the
+    key alone. Keeping it is best effort: a read-only or unreachable dataset folder, or an
+    unreadable kept file, only means the floor is computed.
+    """
+    key = floor_key(reference, seed)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    kept_url = (Store.join(reference.data_url, FLOORS_FOLDER, f"{digest}.json")
+                if store is not None and reference.data_url is not None else None)
+    if kept_url is not None:
+        try:
+            if store.exists(kept_url):
+                kept = store.read_json(kept_url)
+                if kept.get("key") == key:
+                    return kept["floor"]
+        except (StorageError, AttributeError, KeyError) as exc:
+            logger.warning("the kept noise floor %s could not be read (%s); computing it", kept_url, exc)
     floor = noise_floor(reference.dataset, feature_net=reference.feature_net, real_features=real_features, seed=seed,
                         splits=FLOOR_SPLITS)
     if reference.sampled:
         for values in floor.values():
             values["samples"] = reference.rows
+    if kept_url is not None:
+        try:
+            store.write_json(kept_url, {"key": key, "floor": floor})
+        except StorageError as exc:
+            logger.warning("the noise floor could not be kept at %s (%s); later evaluations compute it again",
+                           kept_url, exc)
     return floor
 
 
@@ -93,7 +135,7 @@ def score_samples(
                 rows.append({"model": model.upper(), **setting.to_dict(), "seed": seed, **scorer.metrics(seed)})
     keys = IMAGE_METRICS if image else POINT_METRICS
     summary = summarise_over_seeds(rows, keys)
-    floor = reference_floor(reference, real_features=real_features, seed=seeds[0])
+    floor = reference_floor(reference, real_features=real_features, seed=seeds[0], store=store)
     table = format_table(summary, floor, keys)
     headline_keys = ("fd", "kid", "class_accuracy") if image else ("sliced_wasserstein", "off_manifold_fraction")
     differences = [d for key in headline_keys for d in paired_differences(rows, key)] if "cafm" in models else []

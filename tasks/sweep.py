@@ -184,7 +184,7 @@ def run_sweep(
     curve = TrainingCurve(dataset, curve_setting, feature_net=feature_net, num_samples=curve_samples, seed=seeds[0],
                           real_stats=reference.stats)
     fm_curve = curve(fm_generator)
-    floor = reference_floor(reference, real_features=curve.real_features, seed=seeds[0])
+    floor = reference_floor(reference, real_features=curve.real_features, seed=seeds[0], store=store)
 
     spec = {
         "store_root": store.root, "data_url": data_url, "fm_url": fm_url, "out_url": out_url,

@@ -10,6 +10,8 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
+from tasks.ray_cluster import LOCAL_NODE_IP
+
 pytestmark = pytest.mark.integration
 
 
@@ -23,7 +25,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP, log_to_driver=False)
     yield
     ray.shutdown()
 

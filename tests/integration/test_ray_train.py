@@ -22,6 +22,7 @@ import torch
 from cafm_core.checkpoint import load_checkpoint, load_model, save_model, unflatten_state_dicts
 from cafm_core.data import load_builtin
 from cafm_core.models import MLPConfig, build_generator, dit_config
+from tasks.ray_cluster import LOCAL_NODE_IP
 from tasks.train.driver import TrainingDiverged, run_cafm, run_flow_matching
 from tasks.train.train_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
@@ -66,7 +67,7 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     # 2 train workers x 1 CPU + 1 CPU for Ray Data's read tasks
-    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP, log_to_driver=True)
     yield
     ray.shutdown()
 

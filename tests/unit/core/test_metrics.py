@@ -120,6 +120,18 @@ def test_sliced_wasserstein_is_zero_for_same_points_and_equals_1d_shift():
     assert sliced_wasserstein(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]])) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("sizes", [(300, 300), (517, 203), (7, 1000)])
+def test_sliced_wasserstein_in_1d_equals_scipys_w1_with_unequal_counts_and_ties(sizes):
+    from scipy.stats import wasserstein_distance
+
+    generator = torch.Generator().manual_seed(sum(sizes))
+    a = torch.randint(-20, 20, (sizes[0], 1), generator=generator).double() / 4  # many ties, within and across sets
+    b = torch.randn(sizes[1], 1, generator=generator, dtype=torch.float64) * 3 + 0.5
+    b[: sizes[1] // 3] = a[: min(sizes[0], sizes[1] // 3)].repeat(sizes[1], 1)[: sizes[1] // 3]
+    expected = wasserstein_distance(a[:, 0].numpy(), b[:, 0].numpy())
+    assert sliced_wasserstein(a, b, num_projections=8) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
 def test_sliced_wasserstein_grows_with_shift_in_2d():
     real = torch.randn(800, 2)
     other = torch.randn(500, 2)
