@@ -35,7 +35,7 @@ demo: setup         ## the core demo: cafm_core alone, no services
 	$(VENV)/bin/cafm-demo $(ARGS)
 
 test: setup browser ## the test suite CI runs (unit + integration with real services on loopback)
-	$(PY) -m pytest -q -rs $(ARGS)
+	$(PY) -m pytest -q -rs --durations=20 $(ARGS)
 
 e2e: setup browser  ## the team stack end to end: stack, deployments, worker runs, Prefect UI in headless Chromium
 	$(PY) -m pytest -q -rs -s tests/integration/test_team_stack.py $(ARGS)

@@ -153,7 +153,7 @@ def _wait(stack: Stack, run_id: str, timeout_s: float = 600) -> dict:
         run = _api(stack, f"/flow_runs/{run_id}")
         if run["state"]["type"] in TERMINAL:
             return run
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"flow run {run_id} not finished after {timeout_s}s; worker log:\n"
                          + (stack.logs / "worker.log").read_text()[-3000:])
 
