@@ -13,23 +13,13 @@ from typing import Any
 
 import ray
 
+from tasks.ray_worker_setup import quiet_worker_logs
 from tasks.validation import check_int
 
-__all__ = ["ClusterTooSmall", "CodeMismatch", "check_nodes_code", "ensure_ray", "placements",
-           "quiet_worker_logs", "start_cluster", "wait_for_capacity", "worker_cpus", "worker_resources"]
+__all__ = ["LOCAL_NODE_IP", "ClusterTooSmall", "CodeMismatch", "check_nodes_code", "ensure_ray", "placements",
+           "start_cluster", "wait_for_capacity", "worker_cpus", "worker_resources"]
 
 logger = logging.getLogger(__name__)
-
-# Ray Train's placement-group cleaner asks the dashboard's state API every second whether the
-# train controller lives and logs a WARNING each time it cannot (local clusters here run
-# without a dashboard); this one logger is quietened in every worker, nothing else.
-_NOISY_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_worker_logs() -> None:
-    """Ray's ``worker_process_setup_hook`` for every worker of a cluster this project starts or joins."""
-    logging.getLogger(_NOISY_LOGGER).setLevel(logging.ERROR)
-
 
 # Ray replaces 127.0.0.1 (and "localhost") given as a node's address by this machine's
 # outward address (its route to the internet, e.g. eth0's), which its processes then advertise
@@ -55,7 +45,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
         raise ValueError(f"num_cpus must be a positive int or None, got {num_cpus!r}")
     address = os.environ.get("RAY_ADDRESS") or None
-    runtime_env: dict[str, Any] = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": f"{quiet_worker_logs.__module__}.quiet_worker_logs"}
     kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": runtime_env}
     if address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -51,6 +51,19 @@ def test_cafm_core_imports_no_orchestration_tracking_or_storage_library():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_ray_worker_setup_hook_imports_nothing_heavy():
+    """Ray runs the hook in every worker process of the job (controller, helper actors, data
+    tasks): importing torch there cost about 0.9 s of CPU per process, 3.5 s per training
+    stage's start with 2 workers on 2 cores (docs/benchmarks.md)."""
+    code = (
+        "import sys, tasks.ray_worker_setup as hook\n"
+        "hook.quiet_worker_logs()\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'ray', 'prefect', 'mlflow', 'cafm_core') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # --- static analysis helpers --------------------------------------------------------------
 
 
