@@ -17,6 +17,18 @@ import logging
 NOISY_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+class ErrorsOnly(logging.Filter):
+    """Pass records of level ERROR and above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def quiet_worker_logs() -> None:
-    """Quiet the placement-group cleaner's routine warnings in the worker this runs in."""
-    logging.getLogger(NOISY_LOGGER).setLevel(logging.ERROR)
+    """Quiet the placement-group cleaner's routine warnings in the worker this runs in: a level
+    and a filter, since Ray Train's own logging set-up (``logging.config.dictConfig`` of the
+    ``ray.train`` logger) resets the levels of that logger's children, not their filters."""
+    logger = logging.getLogger(NOISY_LOGGER)
+    logger.setLevel(logging.ERROR)
+    if not any(isinstance(f, ErrorsOnly) for f in logger.filters):
+        logger.addFilter(ErrorsOnly())
