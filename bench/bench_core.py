@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from cafm_core.allocator import retain_freed_memory
 from cafm_core.logits import DiscriminatorLogits
 from cafm_core.models import build_generator, discriminator_from_generator, dit_config
 from cafm_core.samplers import generate
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
+    retain_freed_memory()  # as the pipeline's training workers do (cafm_core.allocator)
     torch.manual_seed(0)
     device = args.device
     autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None

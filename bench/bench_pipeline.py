@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
+from cafm_core.allocator import retain_freed_memory  # noqa: E402
 from cafm_core.ema import EMA  # noqa: E402
 from cafm_core.models import build_generator, config_from_dict, discriminator_from_generator  # noqa: E402
 from cafm_core.training import infinite_batches, train_cafm, train_flow_matching  # noqa: E402
@@ -83,6 +84,7 @@ def prefect_start_seconds() -> dict:
 def bare(stage: str, dataset, model_config: dict, config, threads: int, init: torch.nn.Module | None):
     """(a): the stage's cafm_core loop in this process; returns (seconds per step, the generator)."""
     torch.set_num_threads(threads)
+    retain_freed_memory()  # as the Ray Train worker loop does
     labels = dataset.labels if model_config.get("num_classes", 0) > 0 else None
     torch.manual_seed(config.seed)
     if stage == "fm":

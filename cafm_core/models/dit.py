@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cafm_core.checks import CAFMInputError, check_choice, check_positive
@@ -129,13 +130,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_rows: int | None = None) -> torch.Tensor:
+        """Attend from every token, or only from the first ``query_rows`` tokens (all tokens
+        still serve as keys and values); returns ``[B, query_rows or T, H]``."""
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        if query_rows is None:
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # one stack in backward, not three zero-filled selects
+        else:
+            q_weight, kv_weight = self.qkv.weight.split([width, 2 * width])
+            q_bias, kv_bias = self.qkv.bias.split([width, 2 * width])
+            q = F.linear(x[:, :query_rows], q_weight, q_bias)
+            q = q.reshape(batch, query_rows, self.num_heads, head_dim).transpose(1, 2)
+            kv = F.linear(x, kv_weight, kv_bias).reshape(batch, tokens, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            k, v = kv.unbind(0)
         weights = torch.softmax((q @ k.transpose(-2, -1)) * head_dim**-0.5, dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(batch, tokens, width)
+        out = (weights @ v).transpose(1, 2).reshape(batch, q.shape[2], width)
         return self.proj(out)
 
 
@@ -153,9 +164,11 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, query_rows: int | None = None) -> torch.Tensor:
+        """``query_rows``: compute only the first rows' outputs (the others are unused)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        attended = self.attn(modulate(self.norm1(x), shift_a, scale_a), query_rows)
+        x = (x if query_rows is None else x[:, :query_rows]) + gate_a[:, None] * attended
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x
 
@@ -213,16 +226,30 @@ class DiTBackbone(nn.Module):
         return c
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, prefix: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        prefix: torch.Tensor | None = None,
+        *,
+        prefix_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return final hidden states ``[B, P + T, H]`` (``P`` prefix tokens) and ``c``."""
+        """Return final hidden states ``[B, P + T, H]`` (``P`` prefix tokens) and ``c``.
+
+        ``prefix_only``: the caller reads only the prefix tokens' final states, so the last
+        block computes just those rows (``[B, P, H]``; the same values, exactly: a token's
+        output in the last block depends on the others only as keys and values).
+        """
         self.check_inputs(x, t, y)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         if prefix is not None:
             tokens = torch.cat([prefix, tokens], dim=1)
+        elif prefix_only:
+            raise CAFMInputError("prefix_only needs prefix tokens")
         c = self.conditioning(t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, prefix.shape[1] if prefix_only and i == last else None)
         return tokens, c
 
 
@@ -290,5 +317,5 @@ class DiTDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         prefix = self.token.expand(x.shape[0], -1, -1).to(x.dtype)
-        tokens, _ = self.backbone(x, t, y, prefix=prefix)
+        tokens, _ = self.backbone(x, t, y, prefix=prefix, prefix_only=True)
         return self.head(self.head_norm(tokens[:, 0])).squeeze(-1)

@@ -33,6 +33,7 @@ from typing import Any
 import ray
 import torch
 
+from cafm_core.allocator import retain_freed_memory
 from cafm_core.checkpoint import unflatten_state_dicts
 from cafm_core.training import DivergenceGuard
 from tasks.code_version import code_identity
@@ -63,6 +64,7 @@ def train_worker(loop: dict) -> dict:
     if not loop["use_gpu"]:
         # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker was given instead
         torch.set_num_threads(loop["threads"])
+    retain_freed_memory()  # steps stop faulting their memory in anew (cafm_core.allocator)
     stage_name = loop["stage"]
     config = train_config(stage_name, loop["train_config"])
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)

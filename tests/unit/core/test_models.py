@@ -95,3 +95,27 @@ def test_bad_model_inputs_name_the_value():
         generator(torch.zeros(2, 1, 8, 8, dtype=torch.long), torch.rand(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(CAFMInputError, match="unconditional"):
         build_generator(MLPConfig())(torch.randn(2, 2), torch.rand(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_discriminator_last_block_computes_only_the_token_and_changes_nothing():
+    """The discriminator reads only its token's final state, so its last block computes that
+    row alone (the other tokens serve as keys and values): value and every gradient equal
+    the full computation's."""
+    config = dit_config("tiny", num_classes=10, depth=3)
+    discriminator = perturbed(build_discriminator(config)).double()
+    x, t, y = image_batch()
+    x.requires_grad_(True)
+    t = t.clone().requires_grad_(True)
+    pruned = discriminator(x, t, y)
+    prefix = discriminator.token.expand(x.shape[0], -1, -1)
+    full_tokens, _ = discriminator.backbone(x, t, y, prefix=prefix)
+    full = discriminator.head(discriminator.head_norm(full_tokens[:, 0])).squeeze(-1)
+    assert full_tokens.shape[1] == config.num_patches + 1
+    torch.testing.assert_close(pruned, full, rtol=1e-12, atol=1e-12)
+    params = [x, t, *discriminator.parameters()]
+    for a, b in zip(torch.autograd.grad(pruned.square().sum(), params), torch.autograd.grad(full.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    pruned_tokens, _ = discriminator.backbone(x, t, y, prefix=prefix, prefix_only=True)
+    assert pruned_tokens.shape[1] == 1
+    with pytest.raises(CAFMInputError, match="prefix_only needs prefix tokens"):
+        discriminator.backbone(x, t, y, prefix_only=True)
