@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from cafm_core.checks import CAFMInputError, check_choice, check_positive
 from cafm_core.models.embeddings import LabelEmbedder, TimestepEmbedder
@@ -94,21 +95,32 @@ def _sincos_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
     return torch.from_numpy(table).float()
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm from primitive ops (mean, variance, rsqrt), optionally with affine terms.
+def _forward_mode_ad_active() -> bool:
+    """True inside ``torch.func`` transforms (``jvp``, ``vmap``) or a forward-AD dual level."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
-    Why not ``nn.LayerNorm``: in PyTorch 2.13 the fused kernel's forward-mode derivative
-    gives wrong parameter gradients when it is backpropagated (D step, forward logit
-    mode); measured in ``tests/unit/core/test_logits.py``. Composed ops are exact in both modes.
+
+class LayerNorm(nn.Module):
+    """LayerNorm, optionally with affine terms; from primitive ops under forward-mode AD.
+
+    In PyTorch 2.13 the fused kernel's forward-mode derivative gives wrong parameter
+    gradients when it is backpropagated (the D step in forward logit mode; measured in
+    ``tests/unit/core/test_logits.py``), so inside ``torch.func`` transforms the norm is
+    composed of mean, variance and rsqrt, exact in both modes. Elsewhere (the generator,
+    the reverse-mode logits, their double backward) the fused kernel runs: the same
+    function, faster (docs/benchmarks.md).
     """
 
     def __init__(self, hidden_size: int, *, affine: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
+        self.hidden_size = hidden_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size)) if affine else None
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _forward_mode_ad_active():
+            return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
         out = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + self.eps)

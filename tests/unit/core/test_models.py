@@ -119,3 +119,38 @@ def test_discriminator_last_block_computes_only_the_token_and_changes_nothing():
     assert pruned_tokens.shape[1] == 1
     with pytest.raises(CAFMInputError, match="prefix_only needs prefix tokens"):
         discriminator.backbone(x, t, y, prefix_only=True)
+
+
+def test_layer_norm_runs_the_fused_kernel_except_under_forward_mode_ad(monkeypatch):
+    from torch.func import jvp
+
+    from cafm_core.models import dit
+
+    norm = perturbed(dit.LayerNorm(16, affine=True)).double()
+    x = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+
+    def composed(v):
+        centred = v - v.mean(-1, keepdim=True)
+        return centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias
+
+    calls = []
+    fused_layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(dit.F, "layer_norm", lambda *a, **k: calls.append(1) or fused_layer_norm(*a, **k))
+    out, expected = norm(x), composed(x)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # first and second derivatives (the D step's create_graph) equal the composed ops'
+    params = [x, norm.weight, norm.bias]
+    first = torch.autograd.grad(out.sin().sum(), params, create_graph=True)
+    first_ref = torch.autograd.grad(expected.sin().sum(), params, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), params)
+    second_ref = torch.autograd.grad(sum(g.square().sum() for g in first_ref), params)
+    for a, b in zip((*first, *second), (*first_ref, *second_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # under torch.func.jvp the composed ops run, and the tangent is right
+    calls.clear()
+    tangent = torch.randn_like(x)
+    _, derivative = jvp(norm, (x.detach(),), (tangent,))
+    assert calls == []
+    _, derivative_ref = jvp(composed, (x.detach(),), (tangent,))
+    torch.testing.assert_close(derivative, derivative_ref, rtol=1e-12, atol=1e-12)
