@@ -10,25 +10,52 @@ only the training workers need it).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
-# Ray Train's placement-group cleaner asks the dashboard's state API every second whether the
-# train controller lives and logs a WARNING each time it cannot (local clusters here run
-# without a dashboard); this one logger is quietened in every worker, nothing else.
-NOISY_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Loggers quietened in every worker, each to a level, nothing else:
+# - Ray Train's placement-group cleaner asks the dashboard's state API every second whether the
+#   train controller lives and logs a WARNING each time it cannot (local clusters here run
+#   without a dashboard);
+# - the worker's training context logs every ``ray.train.report`` at INFO, the whole metrics
+#   dict again after the loop's own progress line. Its logger is named by its file's path
+#   (``logging.getLogger(__file__)``), so the name is found from where ``ray`` is installed.
+NOISY_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+NOISY_FILE_LOGGERS = {
+    "train/v2/_internal/execution/context.py": logging.WARNING,
+}
 
 
-class ErrorsOnly(logging.Filter):
-    """Pass records of level ERROR and above."""
+def _file_logger_name(relative: str) -> str | None:
+    """The logger name of ``ray``'s module at ``relative`` (its ``__file__``), where ray is imported."""
+    ray = sys.modules.get("ray")
+    origin = getattr(ray, "__file__", None)
+    return os.path.join(os.path.dirname(origin), *relative.split("/")) if origin else None
+
+
+class AtLeast(logging.Filter):
+    """Pass records of ``level`` and above."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
+        return record.levelno >= self.level
 
 
 def quiet_worker_logs() -> None:
-    """Quiet the placement-group cleaner's routine warnings in the worker this runs in: a level
-    and a filter, since Ray Train's own logging set-up (``logging.config.dictConfig`` of the
+    """Quiet the routine records of the noisy loggers in the worker this runs in: a level and a
+    filter each, since Ray Train's own logging set-up (``logging.config.dictConfig`` of the
     ``ray.train`` logger) resets the levels of that logger's children, not their filters."""
-    logger = logging.getLogger(NOISY_LOGGER)
-    logger.setLevel(logging.ERROR)
-    if not any(isinstance(f, ErrorsOnly) for f in logger.filters):
-        logger.addFilter(ErrorsOnly())
+    levels = dict(NOISY_LOGGERS)
+    for relative, level in NOISY_FILE_LOGGERS.items():
+        if (name := _file_logger_name(relative)) is not None:
+            levels[name] = level
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(f, AtLeast) for f in logger.filters):
+            logger.addFilter(AtLeast(level))
