@@ -1,11 +1,12 @@
 """Keep host memory freed by one training step for the next (glibc's malloc).
 
-A CAFM generator step holds the generator's and the frozen discriminator's activations at
-once. With glibc's default settings the memory freed at the end of such a step goes back
-to the operating system (the heap's top is trimmed; blocks above the adaptive mmap
-threshold are unmapped), and the next step faults the same pages in again: about 4,500
-minor page faults (18 MiB) per generator step of the tiny DiT at batch 128 on CPU, some
-10% of the step (``tests/unit/core/test_allocator.py`` counts them; docs/benchmarks.md).
+CAFM steps hold large, short-lived activations (a D step's double-backward graph; the
+discriminator's and the generator's activations in a G step). With glibc's default
+settings the memory freed at the end of a step goes back to the operating system (the
+heap's top is trimmed; blocks above the adaptive mmap threshold are unmapped), and the
+next step faults the same pages in again: 39,000-63,000 minor page faults (150-250 MiB) per
+CAFM cycle of 4 D steps and a G step of the tiny DiT at batch 128 on CPU, against 0-700
+with this setting (``tests/unit/core/test_allocator.py`` counts them; docs/benchmarks.md).
 
 ``retain_freed_memory`` fixes the mmap threshold at its largest value (32 MiB on 64-bit
 glibc; tensors below it come from the heap) and raises the trim threshold, so a training

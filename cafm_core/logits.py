@@ -72,15 +72,29 @@ def directional_logits(
         values, logits = vmap(along, out_dims=(None, 0))(stacked)
         return values, logits
 
-    x = x_t.requires_grad_(True)
-    s = t.requires_grad_(True)
+    values, grad_x, grad_t = input_gradient(discriminator, x_t, t, y, create_graph=create_graph)
+    return values, logits_from_gradient(grad_x, grad_t, stacked)
+
+
+def input_gradient(
+    discriminator: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, *, create_graph: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(D(x_t, t, y) [B], grad_x D [B, ...], dD/dt [B])``: the reverse-mode gradient that
+    serves every tangent (see ``logits_from_gradient``). With ``create_graph=False`` all three
+    are constants (detached)."""
+    x = x_t.detach().requires_grad_(True)
+    s = t.detach().to(x.dtype).requires_grad_(True)
     with torch.enable_grad():
         values = discriminator(x, s, y)
         grad_x, grad_t = torch.autograd.grad(values.sum(), (x, s), create_graph=create_graph)
     if not create_graph:
         values = values.detach()
-    logits = (grad_x.unsqueeze(0) * stacked).flatten(2).sum(-1) + grad_t
-    return values, logits
+    return values, grad_x, grad_t
+
+
+def logits_from_gradient(grad_x: torch.Tensor, grad_t: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    """``D'(w) = <grad_x D, w> + dD/dt`` for tangents ``[K, B, ...]`` -> ``[K, B]``."""
+    return (grad_x.unsqueeze(0) * tangents).flatten(2).sum(-1) + grad_t
 
 
 class DiscriminatorLogits(nn.Module):

@@ -172,6 +172,12 @@ def kernel_inception_distance(
 
     Each subset draws ``m = min(subset_size, N_real, N_fake)`` samples without replacement
     from each set. Near 0 (possibly slightly negative) when both come from one distribution.
+
+    Two exact ways to get every subset's kernel sums, the cheaper for the sizes is taken
+    (:func:`kid_subset_sums`): per subset (three ``m x m`` kernels each), or, when the sets
+    are small against ``num_subsets x m^2``, each kernel over the whole sets once, tile by
+    tile, summed for all subsets at once through their indicator vectors (digits: 1,797 rows
+    against 100 subsets of 898-1,000, about ten times less arithmetic).
     """
     real_array = _as_features("real features", real, min_samples=2)
     fake_array = _as_features("fake features", fake, min_samples=2)
@@ -182,18 +188,63 @@ def kernel_inception_distance(
     if size < 2:
         raise CAFMInputError(f"subset_size must be >= 2 for the unbiased MMD estimate, got {subset_size}")
     rng = np.random.default_rng(seed)
-    estimates = np.empty(num_subsets)
-    for index in range(num_subsets):
-        x = real_array[rng.choice(real_array.shape[0], size, replace=False)]
-        y = fake_array[rng.choice(fake_array.shape[0], size, replace=False)]
-        kernel_xx = _polynomial_kernel(x, x)
-        kernel_yy = _polynomial_kernel(y, y)
-        kernel_xy = _polynomial_kernel(x, y)
-        within = (kernel_xx.sum() - np.trace(kernel_xx) + kernel_yy.sum() - np.trace(kernel_yy)) / (
-            size * (size - 1)
-        )
-        estimates[index] = within - 2.0 * kernel_xy.mean()
+    subsets = [(rng.choice(real_array.shape[0], size, replace=False), rng.choice(fake_array.shape[0], size, replace=False))
+               for _ in range(num_subsets)]
+    sum_xx, trace_xx, sum_yy, trace_yy, sum_xy = kid_subset_sums(real_array, fake_array, subsets)
+    estimates = (sum_xx - trace_xx + sum_yy - trace_yy) / (size * (size - 1)) - 2.0 * sum_xy / (size * size)
     return float(estimates.mean()), float(estimates.std())
+
+
+# Rows of a whole-set kernel computed at once (bounds memory: tile rows x N x 8 bytes).
+_KID_TILE_ENTRIES = 2**22
+
+
+def kid_sum_method(n_x: int, n_y: int, size: int, dim: int, count: int) -> str:
+    """``"whole"`` where the whole-set kernels need less arithmetic than ``count`` subsets'."""
+    per_subset = count * 3 * size * size * (dim + 3)
+    whole = (n_x * n_x + n_y * n_y + n_x * n_y) * (dim + 3 + count)
+    return "whole" if whole < per_subset else "subsets"
+
+
+def kid_subset_sums(x: np.ndarray, y: np.ndarray, subsets: list[tuple[np.ndarray, np.ndarray]],
+                     method: str | None = None) -> tuple[np.ndarray, ...]:
+    """For every subset ``(a, b)`` of rows: ``sum k(x_a, x_a)``, its trace, ``sum k(y_b, y_b)``,
+    its trace and ``sum k(x_a, y_b)``, as arrays over subsets.
+
+    ``method`` ``"subsets"`` forms each subset's kernels; ``"whole"`` forms each kernel over the
+    whole sets once and reduces it with the subsets' indicator matrices ``A`` (``A k B^T``'s
+    diagonal); None picks the one with less arithmetic. The two agree to rounding.
+    """
+    count, size, dim = len(subsets), len(subsets[0][0]), x.shape[1]
+    n_x, n_y = x.shape[0], y.shape[0]
+    method = method or kid_sum_method(n_x, n_y, size, dim, count)
+    if method == "subsets":
+        sums = np.empty((5, count))
+        for index, (a, b) in enumerate(subsets):
+            xa, yb = x[a], y[b]
+            kernel_xx, kernel_yy = _polynomial_kernel(xa, xa), _polynomial_kernel(yb, yb)
+            sums[:, index] = (kernel_xx.sum(), np.trace(kernel_xx), kernel_yy.sum(), np.trace(kernel_yy),
+                              _polynomial_kernel(xa, yb).sum())
+        return tuple(sums)
+    indicator_x, indicator_y = np.zeros((count, n_x)), np.zeros((count, n_y))
+    for index, (a, b) in enumerate(subsets):
+        indicator_x[index, a] = 1.0
+        indicator_y[index, b] = 1.0
+
+    def reduced(left: np.ndarray, right: np.ndarray, left_rows: np.ndarray, right_rows: np.ndarray) -> np.ndarray:
+        total = np.zeros(count)
+        tile = max(1, _KID_TILE_ENTRIES // right.shape[0])
+        for start in range(0, left.shape[0], tile):
+            kernel = _polynomial_kernel(left[start:start + tile], right)
+            total += np.einsum("sj,sj->s", left_rows[:, start:start + tile] @ kernel, right_rows)
+        return total
+
+    def diagonal(points: np.ndarray) -> np.ndarray:
+        return (np.einsum("ij,ij->i", points, points) / dim + 1.0) ** 3
+
+    return (reduced(x, x, indicator_x, indicator_x), indicator_x @ diagonal(x),
+            reduced(y, y, indicator_y, indicator_y), indicator_y @ diagonal(y),
+            reduced(x, y, indicator_x, indicator_y))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,6 +214,54 @@ def test_kid_on_the_whole_sets_equals_torchmetrics_unbiased_mmd():
     assert ours == pytest.approx(float(reference), rel=1e-9)
 
 
+def _kid_one_subset_at_a_time(real, fake, size, num_subsets, seed):
+    """KID as defined: per subset, the three kernels and the unbiased MMD^2 (the reference)."""
+    rng = np.random.default_rng(seed)
+    estimates = []
+    for _ in range(num_subsets):
+        x = real[rng.choice(real.shape[0], size, replace=False)]
+        y = fake[rng.choice(fake.shape[0], size, replace=False)]
+        k = lambda a, b: (a @ b.T / a.shape[1] + 1.0) ** 3  # noqa: E731
+        kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (size * (size - 1))
+        estimates.append(within - 2.0 * kxy.mean())
+    return float(np.mean(estimates)), float(np.std(estimates))
+
+
+@pytest.mark.parametrize("n_real, n_fake, subset_size, num_subsets", [
+    (300, 250, 100, 40),   # small sets, many subsets: the whole-set kernels
+    (400, 900, 60, 3),     # few small subsets of larger sets: per subset
+    (50, 50, 1000, 7),     # subsets as large as the sets
+])
+def test_kid_equals_its_definition_whichever_way_the_sums_are_taken(n_real, n_fake, subset_size, num_subsets,
+                                                                     monkeypatch):
+    from cafm_core import metrics
+
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(n_real, 8)), rng.normal(0.2, 1.1, size=(n_fake, 8))
+    size = min(subset_size, n_real, n_fake)
+    expected = _kid_one_subset_at_a_time(real, fake, size, num_subsets, seed=11)
+    auto = kernel_inception_distance(real, fake, subset_size=subset_size, num_subsets=num_subsets, seed=11)
+    assert auto == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    chosen = []
+    original = metrics.kid_subset_sums
+    monkeypatch.setattr(metrics, "_KID_TILE_ENTRIES", 1000)  # several tiles of the whole-set kernels
+    for method in ("subsets", "whole"):
+        monkeypatch.setattr(metrics, "kid_subset_sums",
+                            lambda x, y, subsets, method=method: chosen.append(method) or original(x, y, subsets, method))
+        forced = kernel_inception_distance(real, fake, subset_size=subset_size, num_subsets=num_subsets, seed=11)
+        assert forced == pytest.approx(expected, rel=1e-9, abs=1e-12), method
+    assert chosen == ["subsets", "whole"]
+
+
+def test_kid_takes_the_whole_set_kernels_where_they_cost_less():
+    from cafm_core.metrics import kid_sum_method
+
+    assert kid_sum_method(1797, 1797, 1000, 64, 100) == "whole"  # digits: the evaluation and its floor
+    assert kid_sum_method(50_000, 50_000, 1000, 64, 100) == "subsets"  # a large reference
+    assert kid_sum_method(1797, 1797, 1000, 64, 1) == "subsets"
+
+
 def test_noise_floor_over_splits_is_the_mean_and_spread_of_single_splits():
     from cafm_core.evaluation import noise_floor
 

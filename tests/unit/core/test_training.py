@@ -54,6 +54,27 @@ def test_generator_step_gives_the_discriminator_no_gradient(mode):
     assert any(not torch.equal(a, p) for a, p in zip(g_before, generator.parameters()))
 
 
+def test_generator_step_gradients_are_the_same_in_both_logit_modes():
+    """Reverse mode takes grad D before the generator's forward; forward mode pushes u through a
+    jvp: the same loss, so the same generator gradients (read as an SGD step of lr 1)."""
+    import copy
+
+    _, generator, discriminator = tiny_dit_pair()
+    x0, _, y = image_batch(6)
+    results = {}
+    for mode in ("reverse", "forward"):
+        model = copy.deepcopy(generator)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        metrics = generator_step(model, discriminator, optimizer, (x0, y), CAFMConfig(logit_mode=mode),
+                                 generator=torch.Generator().manual_seed(4))
+        results[mode] = (metrics, [p.detach() - q.detach() for p, q in zip(model.parameters(), generator.parameters())])
+    (reverse_metrics, reverse_steps), (forward_metrics, forward_steps) = results["reverse"], results["forward"]
+    assert reverse_metrics["g_loss"] == pytest.approx(forward_metrics["g_loss"], rel=1e-10)
+    assert reverse_metrics["g_grad_norm"] > 1e-3
+    for a, b in zip(reverse_steps, forward_steps):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_schedule_warmup_then_n_discriminator_steps_per_generator_step():
     config = CAFMConfig(steps=20, warmup_steps=5, discriminator_steps=3)
     kinds = "".join("G" if config.is_generator_step(s) else "D" for s in range(20))
