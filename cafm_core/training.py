@@ -277,7 +277,7 @@ def generator_step(
     with frozen(discriminator):
         if config.logit_mode == "reverse":
             # g is a constant for the generator: taken before its forward, so the discriminator's
-            # activations are freed before the generator's are made (a lower peak, warmer caches)
+            # activations are freed before the generator's are made (a lower peak memory)
             _, grad_x, grad_t = input_gradient(discriminator, x_t, t, y, create_graph=False)
             u = generator_model(x_t, t, y)
             fake_logits = logits_from_gradient(grad_x, grad_t, u[None])[0]
