@@ -5,7 +5,7 @@ discriminator's and the generator's activations in a G step). With glibc's defau
 settings the memory freed at the end of a step goes back to the operating system (the
 heap's top is trimmed; blocks above the adaptive mmap threshold are unmapped), and the
 next step faults the same pages in again: 39,000-63,000 minor page faults (150-250 MiB) per
-CAFM cycle of 4 D steps and a G step of the tiny DiT at batch 128 on CPU, against 0-700
+CAFM cycle of 4 D steps and a G step of the tiny DiT at batch 128 on CPU, against 0-1,400
 with this setting (``tests/unit/core/test_allocator.py`` counts them; docs/benchmarks.md).
 
 ``retain_freed_memory`` fixes the mmap threshold at its largest value (32 MiB on 64-bit
