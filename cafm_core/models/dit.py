@@ -96,8 +96,13 @@ def _sincos_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
 
 
 def _forward_mode_ad_active() -> bool:
-    """True inside ``torch.func`` transforms (``jvp``, ``vmap``) or a forward-AD dual level."""
-    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+    """True inside ``torch.func`` transforms (``jvp``, ``vmap``) or a forward-AD dual level;
+    also where a PyTorch without these (private) hooks cannot tell: the composed ops are
+    exact everywhere."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+    except AttributeError:
+        return True
 
 
 class LayerNorm(nn.Module):
