@@ -76,10 +76,11 @@ def reference_floor(reference: RealReference, *, real_features: torch.Tensor | N
                 if store is not None and reference.data_url is not None else None)
     if kept_url is not None:
         try:
-            if store.exists(kept_url):
-                kept = store.read_json(kept_url)
-                if kept.get("key") == key:
-                    return kept["floor"]
+            kept = store.read_json(kept_url)  # one read; a missing file raises at once, unretried
+            if kept.get("key") == key:
+                return kept["floor"]
+        except FileNotFoundError:
+            pass
         except (StorageError, AttributeError, KeyError) as exc:
             logger.warning("the kept noise floor %s could not be read (%s); computing it", kept_url, exc)
     floor = noise_floor(reference.dataset, feature_net=reference.feature_net, real_features=real_features, seed=seed,
