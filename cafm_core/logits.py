@@ -18,13 +18,14 @@ DDP so parameter gradients synchronise across workers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.func import jvp, vmap
 
 from cafm_core.checks import CAFMInputError, check_choice
+from cafm_core.models import twice_differentiable
 
 LOGIT_MODES = ("reverse", "forward")
 
@@ -84,7 +85,8 @@ def input_gradient(
     are constants (detached)."""
     x = x_t.detach().requires_grad_(True)
     s = t.detach().to(x.dtype).requires_grad_(True)
-    with torch.enable_grad():
+    # a graph through grad D is differentiated again: the models' ops must be twice differentiable
+    with torch.enable_grad(), (twice_differentiable() if create_graph else nullcontext()):
         values = discriminator(x, s, y)
         grad_x, grad_t = torch.autograd.grad(values.sum(), (x, s), create_graph=create_graph)
     if not create_graph:

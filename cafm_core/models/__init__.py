@@ -7,7 +7,7 @@ from dataclasses import fields
 from torch import nn
 
 from cafm_core.checks import CAFMInputError
-from cafm_core.models.dit import DIT_PRESETS, DiT, DiTConfig, DiTDiscriminator, dit_config
+from cafm_core.models.dit import DIT_PRESETS, DiT, DiTConfig, DiTDiscriminator, dit_config, twice_differentiable
 from cafm_core.models.mlp import MLPConfig, MLPDiscriminator, MLPVelocityNet
 
 ModelConfig = DiTConfig | MLPConfig
@@ -69,4 +69,5 @@ __all__ = [
     "config_from_dict",
     "discriminator_from_generator",
     "dit_config",
+    "twice_differentiable",
 ]

@@ -3,12 +3,18 @@
 Backbone: patchify -> fixed 2-D sin-cos positions -> blocks with adaLN-zero modulation by
 ``c = embed(t) + embed(y)``. The generator adds a final adaLN layer mapping tokens back to
 pixels; the discriminator prepends a learned token and reads a scalar from its final
-hidden state (norm -> linear). Attention is written out explicitly so that forward-mode
-AD (``torch.func.jvp``) works on every device: fused SDPA kernels lack JVP rules.
+hidden state (norm -> linear). Attention runs PyTorch's fused kernel
+(``scaled_dot_product_attention``) where it can: not under forward-mode AD
+(``torch.func.jvp``: fused kernels lack JVP rules) and not inside
+``twice_differentiable()`` (their backward has no derivative); there it is written out
+explicitly, the same function.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -105,6 +111,28 @@ def _forward_mode_ad_active() -> bool:
         return True
 
 
+_TWICE_DIFFERENTIABLE: ContextVar[bool] = ContextVar("twice_differentiable", default=False)
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Build models' graphs so that their backward can itself be differentiated.
+
+    Needed around a forward whose input gradient is taken with ``create_graph=True`` and
+    then backpropagated (the discriminator step's reverse-mode logits): the fused
+    attention kernel's backward has no derivative, so attention is composed of matmuls
+    and a softmax inside this context. Elsewhere the fused kernel runs (faster)."""
+    token = _TWICE_DIFFERENTIABLE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE_DIFFERENTIABLE.reset(token)
+
+
+def _fused_attention_allowed() -> bool:
+    return not _TWICE_DIFFERENTIABLE.get() and not _forward_mode_ad_active()
+
+
 class LayerNorm(nn.Module):
     """LayerNorm, optionally with affine terms; from primitive ops under forward-mode AD.
 
@@ -139,7 +167,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, explicit softmax(QK^T / sqrt(d)) V (forward-AD friendly)."""
+    """Multi-head self-attention softmax(QK^T / sqrt(d)) V: PyTorch's fused kernel, or the
+    explicit matmuls and softmax under forward-mode AD and in ``twice_differentiable()``."""
 
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
@@ -162,8 +191,11 @@ class Attention(nn.Module):
             q = q.reshape(batch, query_rows, self.num_heads, head_dim).transpose(1, 2)
             kv = F.linear(x, kv_weight, kv_bias).reshape(batch, tokens, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
             k, v = kv.unbind(0)
-        weights = torch.softmax((q @ k.transpose(-2, -1)) * head_dim**-0.5, dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(batch, q.shape[2], width)
+        if _fused_attention_allowed():
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.softmax((q @ k.transpose(-2, -1)) * head_dim**-0.5, dim=-1) @ v
+        out = out.transpose(1, 2).reshape(batch, q.shape[2], width)
         return self.proj(out)
 
 

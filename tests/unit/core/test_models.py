@@ -12,6 +12,7 @@ from cafm_core.models import (
     config_from_dict,
     discriminator_from_generator,
     dit_config,
+    twice_differentiable,
 )
 from cafm_core.path import interpolate
 
@@ -154,3 +155,44 @@ def test_layer_norm_runs_the_fused_kernel_except_under_forward_mode_ad(monkeypat
     assert calls == []
     _, derivative_ref = jvp(composed, (x.detach(),), (tangent,))
     torch.testing.assert_close(derivative, derivative_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_runs_the_fused_kernel_except_where_it_must_be_differentiated_again(monkeypatch):
+    from torch.func import jvp
+
+    from cafm_core.logits import input_gradient
+    from cafm_core.models import dit
+
+    torch.manual_seed(0)
+    config = dit_config("tiny", image_size=8, in_channels=1, patch_size=2)
+    discriminator = perturbed(build_discriminator(config)).double()
+    x, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    y = torch.tensor([0, 4, 9])
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    params = list(discriminator.parameters())
+
+    def value_and_grads():
+        out = discriminator(x.requires_grad_(True), t, y)
+        return (out, *torch.autograd.grad(out.square().sum(), [x, *params]))
+
+    fused_results = value_and_grads()
+    assert len(calls) == config.depth  # every block, the pruned last one included
+    calls.clear()
+    with twice_differentiable():
+        explicit_results = value_and_grads()
+    assert calls == []
+    for a, b in zip(fused_results, explicit_results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the D step's graph: input gradient with create_graph, then backpropagated to D's parameters
+    _, grad_x, grad_t = input_gradient(discriminator, x.detach(), t, y, create_graph=True)
+    assert calls == []
+    second = torch.autograd.grad(grad_x.square().sum() + grad_t.sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in second)
+    # without it the input gradient is a constant (the G step), and the fused kernel runs
+    input_gradient(discriminator, x.detach(), t, y, create_graph=False)
+    assert len(calls) == config.depth
+    calls.clear()
+    jvp(lambda v: discriminator(v, t, y), (x.detach(),), (torch.ones_like(x),))
+    assert calls == []
