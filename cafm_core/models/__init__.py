@@ -7,7 +7,15 @@ from dataclasses import fields
 from torch import nn
 
 from cafm_core.checks import CAFMInputError
-from cafm_core.models.dit import DIT_PRESETS, DiT, DiTConfig, DiTDiscriminator, dit_config, twice_differentiable
+from cafm_core.models.dit import (
+    DIT_PRESETS,
+    LEGACY_FIELDS,
+    DiT,
+    DiTConfig,
+    DiTDiscriminator,
+    dit_config,
+    twice_differentiable,
+)
 from cafm_core.models.mlp import MLPConfig, MLPDiscriminator, MLPVelocityNet
 
 ModelConfig = DiTConfig | MLPConfig
@@ -16,10 +24,15 @@ _FAMILIES = {
     "dit": (DiTConfig, DiT, DiTDiscriminator),
     "mlp": (MLPConfig, MLPVelocityNet, MLPDiscriminator),
 }
+# per family: fields added after configs were first saved, with the value an older config
+# (one without the field) implied, so old checkpoints rebuild the model they were trained as
+_LEGACY_FIELDS = {"dit": LEGACY_FIELDS}
 
 
 def config_from_dict(data: dict) -> ModelConfig:
-    """Rebuild a model config from its ``to_dict()`` form, rejecting unknown fields."""
+    """Rebuild a model config from its ``to_dict()`` form, rejecting unknown fields. A field
+    the config predates takes the value it implied then (e.g. a DiT saved before
+    ``mlp_activation`` existed used the tanh GELU), not today's default."""
     kind = data.get("kind")
     if kind not in _FAMILIES:
         raise CAFMInputError(f"unknown model kind {kind!r}; expected one of {sorted(_FAMILIES)}")
@@ -28,7 +41,7 @@ def config_from_dict(data: dict) -> ModelConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise CAFMInputError(f"unknown {kind} config fields {unknown}; expected a subset of {sorted(known)}")
-    return config_cls(**data)
+    return config_cls(**{**_LEGACY_FIELDS.get(kind, {}), **data})
 
 
 def build_generator(config: ModelConfig) -> nn.Module:

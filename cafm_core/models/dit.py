@@ -51,12 +51,16 @@ class DiTConfig:
     prediction: str = "velocity"  # "velocity" (SiT) or "x" (JiT)
     time_scale: float = 1000.0
     x_prediction_min_t: float = 0.05
+    # the blocks' MLP nonlinearity: exact GELU, or DiT's tanh approximation (the same cost on
+    # GPUs; on CPUs PyTorch's tanh kernel and its double backward are several times slower)
+    mlp_activation: str = "gelu"
     kind: str = "dit"
 
     def __post_init__(self) -> None:
         if self.kind != "dit":
             raise CAFMInputError(f"DiTConfig.kind must be 'dit', got {self.kind!r}")
         check_choice("prediction", self.prediction, ("velocity", "x"))
+        check_choice("mlp_activation", self.mlp_activation, tuple(GELU_APPROXIMATION))
         for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
             check_positive(name, getattr(self, name), integer=True)
         if self.image_size % self.patch_size:
@@ -79,6 +83,13 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}
+"""``DiTConfig.mlp_activation`` -> ``nn.GELU``'s ``approximate``."""
+
+LEGACY_FIELDS = {"mlp_activation": "gelu_tanh"}
+"""Fields a DiT config written before they existed held implicitly (``config_from_dict``)."""
 
 
 def dit_config(preset: str = "tiny", **overrides) -> DiTConfig:
@@ -202,14 +213,16 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-zero: shift/scale/gate from ``c``, gates start at 0."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, activation: str = "gelu") -> None:
         super().__init__()
         self.norm1 = LayerNorm(hidden_size)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = LayerNorm(hidden_size)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate=GELU_APPROXIMATION[activation]),
+            nn.Linear(mlp_hidden, hidden_size),
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -233,7 +246,9 @@ class DiTBackbone(nn.Module):
         self.register_buffer("pos_embed", _sincos_2d(h, config.image_size // config.patch_size)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(h, scale=config.time_scale)
         self.y_embedder = LabelEmbedder(config.num_classes, h) if config.num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(h, config.num_heads, config.mlp_ratio, config.mlp_activation) for _ in range(config.depth)
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -80,6 +80,18 @@ def test_config_round_trip_and_unknown_fields():
         config_from_dict({"kind": "unet"})
 
 
+def test_mlp_activation_exact_gelu_by_default_and_tanh_for_configs_saved_before_the_field():
+    config = dit_config("tiny")
+    assert config.mlp_activation == "gelu"
+    assert build_generator(config).backbone.blocks[0].mlp[1].approximate == "none"
+    old = {k: v for k, v in config.to_dict().items() if k != "mlp_activation"}  # a checkpoint of 2026-11
+    assert config_from_dict(old).mlp_activation == "gelu_tanh"
+    assert build_generator(config_from_dict(old)).backbone.blocks[0].mlp[1].approximate == "tanh"
+    assert config_from_dict({**old, "mlp_activation": "gelu"}) == config
+    with pytest.raises(CAFMInputError, match="mlp_activation"):
+        dit_config("tiny", mlp_activation="relu")
+
+
 def test_bad_model_inputs_name_the_value():
     with pytest.raises(CAFMInputError, match="unknown DiT preset 'huge'"):
         dit_config("huge")
