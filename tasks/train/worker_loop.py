@@ -180,7 +180,7 @@ def train_worker(loop: dict) -> dict:
             good_step, good_state, rollbacks_since_good = done, copy_state(stage.state()), 0
 
     checksums: list[str] = [stage.checksum()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         gathered: list[Any] = [None] * world_size
         torch.distributed.all_gather_object(gathered, checksums[0])
         checksums = [str(c) for c in gathered]
@@ -235,8 +235,15 @@ def _training_curve(spec: dict, device: torch.device):
                          device=device, real_stats=reference.stats)
 
 
+def _distributed() -> bool:
+    """Whether collectives are needed: a process group of more than one process (Ray Train
+    starts a group for a single worker too, where a per-step collective only costs time)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def _all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if not _distributed():
         return metrics
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
@@ -247,7 +254,7 @@ def _all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[st
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (all ranks must take the same branch)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if not _distributed():
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
