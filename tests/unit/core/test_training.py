@@ -187,3 +187,22 @@ def test_divergence_guard_rejects_bad_settings(kwargs, message):
 
     with pytest.raises(CAFMInputError, match=message):
         DivergenceGuard(**kwargs)
+
+
+def test_adam_is_the_fused_adamw_and_updates_as_the_reference_loop():
+    torch.manual_seed(0)
+    model = build_generator(MLPConfig(data_dim=2, hidden_size=16, depth=2)).double()
+    reference = build_generator(MLPConfig(data_dim=2, hidden_size=16, depth=2)).double()
+    reference.load_state_dict(model.state_dict())
+    optimizer = adam(model.parameters(), 1e-2, (0.9, 0.95), weight_decay=0.01)
+    expected = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01,
+                                 foreach=False, fused=False)
+    assert optimizer.defaults["fused"] is True
+    x, t = torch.randn(32, 2, dtype=torch.float64), torch.rand(32, dtype=torch.float64)
+    for _ in range(5):
+        for net, opt in ((model, optimizer), (reference, expected)):
+            opt.zero_grad()
+            net(x, t).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
