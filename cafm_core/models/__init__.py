@@ -9,7 +9,6 @@ from torch import nn
 from cafm_core.checks import CAFMInputError
 from cafm_core.models.dit import (
     DIT_PRESETS,
-    LEGACY_FIELDS,
     DiT,
     DiTConfig,
     DiTDiscriminator,
@@ -26,7 +25,7 @@ _FAMILIES = {
 }
 # per family: fields added after configs were first saved, with the value an older config
 # (one without the field) implied, so old checkpoints rebuild the model they were trained as
-_LEGACY_FIELDS = {"dit": LEGACY_FIELDS}
+_LEGACY_FIELDS = {"dit": {"mlp_activation": "gelu_tanh"}}
 
 
 def config_from_dict(data: dict) -> ModelConfig:

@@ -88,9 +88,6 @@ class DiTConfig:
 GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}
 """``DiTConfig.mlp_activation`` -> ``nn.GELU``'s ``approximate``."""
 
-LEGACY_FIELDS = {"mlp_activation": "gelu_tanh"}
-"""Fields a DiT config written before they existed held implicitly (``config_from_dict``)."""
-
 
 def dit_config(preset: str = "tiny", **overrides) -> DiTConfig:
     """A config from a size preset (``tiny``, ``mini``, ``small``, ``base``) plus overrides."""
@@ -213,7 +210,7 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-zero: shift/scale/gate from ``c``, gates start at 0."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, activation: str = "gelu") -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, activation: str) -> None:
         super().__init__()
         self.norm1 = LayerNorm(hidden_size)
         self.attn = Attention(hidden_size, num_heads)

@@ -215,7 +215,7 @@ def _where_this_worker_runs(rank: int, driver_digest: str | None) -> dict:
 
 def _gather(item: dict, world_size: int) -> list[dict]:
     """``item`` of every rank, in rank order (one all-gather at the start of training)."""
-    if world_size == 1 or not torch.distributed.is_initialized():
+    if not _distributed():
         return [item]
     items: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(items, item)
